@@ -1,0 +1,92 @@
+# The compiled core of wsproxy: every per-message path lives here.
+# Python code (http.py, session.py, redis/) sees it through _fastpath.pyi.
+
+from picows.picows cimport WSListener, WSTransport, WSFrame, WSMsgType
+
+
+cdef class Stats:
+    # Counters kept as C integers so the hot path pays one add each;
+    # metrics.py reads them on scrape.
+    cdef public long long messages_down
+    cdef public long long bytes_down
+    cdef public long long messages_up
+    cdef public long long bytes_up
+    cdef public long long errors_invalid_json
+    cdef public long long errors_too_large
+    cdef public long long errors_binary
+    cdef public long long errors_upstream_unavailable
+    cdef public long long errors_protocol
+    cdef public long long backpressure_disconnects
+    cdef public long long ping_timeouts
+
+
+cdef class RedisProtocol:
+    cdef object transport
+    cdef object reader
+    cdef bytearray out
+    cdef bint flush_scheduled
+    cdef bint write_paused
+    cdef object loop
+    cdef public object owner
+    cdef public bint connected
+
+    cdef int write(self, const char* data, Py_ssize_t size) except -1
+    cdef int _schedule_flush(self) except -1
+    cdef int on_reply(self, object reply) except -1
+
+
+cdef class CommandProtocol(RedisProtocol):
+    cdef object waiters
+
+
+cdef class Upstream:
+    cdef public CommandProtocol proto
+    cdef public Py_ssize_t max_pending_bytes
+
+    cdef bint publish(self, SessionListener source, bytes prefix,
+                      const char* payload, Py_ssize_t size) except -1
+
+
+cdef class Route:
+    cdef public bytes channel
+    cdef public list listeners
+    cdef public object ready
+    cdef public bint subscribed
+
+    cdef int deliver(self, bytes payload) except -1
+
+
+cdef class PubSubProtocol(RedisProtocol):
+    cdef dict routes
+    cdef public object on_control
+
+
+cdef class SessionListener(WSListener):
+    cdef WSTransport transport
+    cdef Upstream upstream
+    cdef bytes up_prefix
+    cdef list pending
+    cdef Py_ssize_t pending_bytes
+    cdef bytearray fragments
+    cdef bint in_fragmented
+    cdef bint fragmented_binary
+    cdef bint fragmented_oversize
+    cdef public bint too_slow
+    cdef public bint closing
+    cdef public bint connected
+    cdef public double last_activity
+    cdef public double last_ping
+    cdef public object conn_id
+    cdef public object session_id
+    cdef public object agent_id
+    cdef public object events
+    cdef public object close_code
+    cdef public object close_reason
+
+    cdef int send_down(self, WSMsgType msg_type, bytes payload) except -1
+    cdef int _on_message(self, const char* data, Py_ssize_t size) except -1
+    cdef int _send_error(self, bytes error) except -1
+    cdef _start_fragmented(self, bint binary, WSFrame frame)
+    cdef _finish_fragmented(self)
+    cdef _on_close_frame(self, WSFrame frame)
+    cdef _protocol_error(self, str reason)

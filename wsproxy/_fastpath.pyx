@@ -1,0 +1,632 @@
+# cython: language_level=3
+"""wsproxy's compiled core: the per-message paths, in C.
+
+- up: picows frame (pointer + size) -> JSON/UTF-8 validation in place ->
+  RESP ``PUBLISH`` appended to the command connection's write buffer, flushed once a
+  loop iteration; replies matched FIFO to their sockets.
+- down: Redis bytes -> hiredis ``Reader.gets()`` -> channel lookup -> picows send.
+
+Nothing here awaits; everything that is not per message lives in plain Python.
+"""
+
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
+from libc.stdio cimport snprintf
+from libc.string cimport memcpy
+
+from picows.picows cimport WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
+
+import collections
+
+import hiredis
+
+cdef extern from "_jsonvalid.h" nogil:
+    int wsp_utf8_valid(const unsigned char *p, size_t n)
+    int wsp_json_valid(const unsigned char *p, size_t n)
+
+
+# ---------------------------------------------------------------------------
+# Validators, exposed for tests and benchmarks.
+
+def validate_json(const unsigned char[:] data not None) -> bool:
+    """True if ``data`` is one strict RFC 8259 JSON text in valid UTF-8."""
+    if data.shape[0] == 0:
+        return False
+    return wsp_json_valid(&data[0], <size_t>data.shape[0]) == 1
+
+
+def utf8_valid(const unsigned char[:] data not None) -> bool:
+    """True if ``data`` is valid UTF-8 (no overlongs, no surrogates)."""
+    if data.shape[0] == 0:
+        return True
+    return wsp_utf8_valid(&data[0], <size_t>data.shape[0]) == 1
+
+
+# ---------------------------------------------------------------------------
+# Counters
+
+cdef class Stats:
+    """Hot-path counters as C integers; read by metrics.py on scrape."""
+
+    def snapshot(self) -> dict:
+        """The counters as a dict of name -> int."""
+        return {
+            "messages_down": self.messages_down,
+            "bytes_down": self.bytes_down,
+            "messages_up": self.messages_up,
+            "bytes_up": self.bytes_up,
+            "errors_invalid_json": self.errors_invalid_json,
+            "errors_too_large": self.errors_too_large,
+            "errors_binary": self.errors_binary,
+            "errors_upstream_unavailable": self.errors_upstream_unavailable,
+            "errors_protocol": self.errors_protocol,
+            "backpressure_disconnects": self.backpressure_disconnects,
+            "ping_timeouts": self.ping_timeouts,
+        }
+
+
+cdef Stats STATS = Stats()
+stats = STATS
+
+
+# Settings the hot path needs, set once by configure().
+cdef Py_ssize_t g_max_message = 1048576
+cdef Py_ssize_t g_max_buffer = 10485760
+cdef bytes g_err_too_large = b'{"error":"Message too large","max_size":1048576}'
+# A coarse clock, advanced by the heartbeat sweeper: marking activity per frame
+# costs a store, not a clock read.
+cdef double g_now = 0.0
+
+cdef bytes ERR_INVALID_JSON = b'{"error":"Invalid JSON format"}'
+cdef bytes ERR_BINARY = b'{"error":"Binary messages not supported"}'
+cdef bytes ERR_UNAVAILABLE = b'{"error":"Upstream unavailable"}'
+
+
+def configure(Py_ssize_t max_message, Py_ssize_t max_buffer) -> None:
+    """Set the message and buffer limits used by every socket."""
+    global g_max_message, g_max_buffer, g_err_too_large
+    g_max_message = max_message
+    g_max_buffer = max_buffer
+    g_err_too_large = b'{"error":"Message too large","max_size":%d}' % max_message
+
+
+def set_clock(double now) -> None:
+    """Advance the coarse clock that frames stamp as their socket's last activity."""
+    global g_now
+    g_now = now
+
+
+def get_clock() -> float:
+    """The coarse clock's current value."""
+    return g_now
+
+
+# ---------------------------------------------------------------------------
+# RESP encoding
+
+cdef inline int _append(bytearray buf, const char* data, Py_ssize_t size) except -1:
+    cdef Py_ssize_t old = PyByteArray_GET_SIZE(buf)
+    PyByteArray_Resize(buf, old + size)
+    memcpy(PyByteArray_AS_STRING(buf) + old, data, size)
+    return 0
+
+
+def encode_command(*args) -> bytes:
+    """RESP-encode one command; str arguments are UTF-8 encoded."""
+    cdef bytearray out = bytearray(b"*%d\r\n" % len(args))
+    cdef bytes item
+    for arg in args:
+        if isinstance(arg, str):
+            item = (<str>arg).encode()
+        elif isinstance(arg, int):
+            item = b"%d" % arg
+        else:
+            item = bytes(arg)
+        out += b"$%d\r\n" % len(item)
+        out += item
+        out += b"\r\n"
+    return bytes(out)
+
+
+def publish_prefix(bytes channel) -> bytes:
+    """The constant head of ``PUBLISH channel <payload>``: the payload's length follows."""
+    return b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%b\r\n" % (len(channel), channel)
+
+
+def encode_publish(bytes channel, bytes payload) -> bytes:
+    """RESP ``PUBLISH channel payload``, as the upstream path writes it."""
+    cdef bytearray out = bytearray(publish_prefix(channel))
+    out += b"$%d\r\n" % len(payload)
+    out += payload
+    out += b"\r\n"
+    return bytes(out)
+
+
+# ---------------------------------------------------------------------------
+# Redis connections
+
+cdef class RedisProtocol:
+    """asyncio protocol for one Redis connection: coalesced writes, hiredis replies.
+
+    Lifecycle events go to ``owner`` (a Python object from wsproxy.redis):
+    ``connection_made(proto)``, ``connection_lost(proto, exc)``.
+    """
+
+    def __init__(self, owner):
+        self.owner = owner
+        self.transport = None
+        self.reader = hiredis.Reader()
+        self.out = bytearray()
+        self.flush_scheduled = False
+        self.write_paused = False
+        self.loop = None
+        self.connected = False
+
+    # asyncio.Protocol interface -------------------------------------------------
+    def connection_made(self, transport):
+        import asyncio
+        self.transport = transport
+        self.loop = asyncio.get_running_loop()
+        self.connected = True
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                import socket
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass  # unix sockets have no TCP_NODELAY
+        self.owner.connection_made(self)
+
+    def data_received(self, data):
+        cdef object reader = self.reader
+        cdef object reply
+        reader.feed(data)
+        while True:
+            try:
+                reply = reader.gets()
+            except hiredis.ProtocolError as exc:
+                # The stream can no longer be trusted: drop the connection.
+                self.transport.abort()
+                self.owner.protocol_error(self, exc)
+                return
+            if reply is False:
+                break
+            self.on_reply(reply)
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc):
+        self.connected = False
+        self.owner.connection_lost(self, exc)
+
+    def pause_writing(self):
+        self.write_paused = True
+
+    def resume_writing(self):
+        self.write_paused = False
+
+    # writing ---------------------------------------------------------------------
+    cdef int write(self, const char* data, Py_ssize_t size) except -1:
+        _append(self.out, data, size)
+        if not self.flush_scheduled:
+            self._schedule_flush()
+        return 0
+
+    cdef int _schedule_flush(self) except -1:
+        self.flush_scheduled = True
+        self.loop.call_soon(self.flush)
+        return 0
+
+    def flush(self):
+        """Write everything queued this loop iteration in one call."""
+        self.flush_scheduled = False
+        if not self.connected or PyByteArray_GET_SIZE(self.out) == 0:
+            return
+        # Hand the buffer over and start a new one: the transport may keep a
+        # reference to what it could not send yet.
+        cdef bytearray data = self.out
+        self.out = bytearray()
+        self.transport.write(data)
+
+    def send(self, bytes command):
+        """Queue an already encoded command."""
+        self.write(PyBytes_AS_STRING(command), PyBytes_GET_SIZE(command))
+
+    def close(self):
+        """Close the connection (pending replies fail through connection_lost)."""
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self):
+        """Drop the connection at once."""
+        if self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def pending_write_bytes(self) -> int:
+        """Bytes queued here and in the transport, not yet written to the socket."""
+        n = PyByteArray_GET_SIZE(self.out)
+        if self.transport is not None:
+            n += self.transport.get_write_buffer_size()
+        return n
+
+    cdef int on_reply(self, object reply) except -1:
+        return 0
+
+
+cdef class CommandProtocol(RedisProtocol):
+    """The command connection: GET/EXPIRE/PUBLISH, replies matched FIFO.
+
+    A waiter is a future (a caller awaits the reply), ``None`` (fire and forget),
+    or the SessionListener that sent a PUBLISH (told if it failed).
+    """
+
+    def __init__(self, owner):
+        RedisProtocol.__init__(self, owner)
+        self.waiters = collections.deque()
+
+    def request(self, bytes command):
+        """Send ``command``; return a future for its reply (a ReplyError is a result)."""
+        fut = self.loop.create_future()
+        self.waiters.append(fut)
+        self.write(PyBytes_AS_STRING(command), PyBytes_GET_SIZE(command))
+        return fut
+
+    def send_noreply(self, bytes command):
+        """Send ``command`` and ignore its reply."""
+        self.waiters.append(None)
+        self.write(PyBytes_AS_STRING(command), PyBytes_GET_SIZE(command))
+
+    cdef int on_reply(self, object reply) except -1:
+        cdef object waiter
+        if not self.waiters:
+            return 0  # cannot happen with a well-behaved server; nothing to match
+        waiter = self.waiters.popleft()
+        if waiter is None:
+            return 0
+        if type(waiter) is SessionListener:
+            if type(reply) is not int:  # a PUBLISH error reply
+                (<SessionListener>waiter)._send_error(ERR_UNAVAILABLE)
+                STATS.errors_upstream_unavailable += 1
+            return 0
+        if not waiter.done():
+            waiter.set_result(reply)
+        return 0
+
+    def fail_pending(self, exc):
+        """The connection is gone: fail every waiter; tell each publisher's socket."""
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if waiter is None:
+                continue
+            if type(waiter) is SessionListener:
+                (<SessionListener>waiter)._send_error(ERR_UNAVAILABLE)
+                STATS.errors_upstream_unavailable += 1
+            elif not waiter.done():
+                waiter.set_exception(exc)
+
+
+cdef class Upstream:
+    """The stable handle sockets publish through; the protocol behind it changes on reconnect."""
+
+    def __init__(self, Py_ssize_t max_pending_bytes=64 * 1024 * 1024):
+        self.proto = None
+        self.max_pending_bytes = max_pending_bytes
+
+    cdef bint publish(self, SessionListener source, bytes prefix,
+                      const char* payload, Py_ssize_t size) except -1:
+        cdef CommandProtocol proto = self.proto
+        cdef char head[32]
+        cdef int head_len
+        if proto is None or not proto.connected:
+            return False
+        if proto.write_paused and PyByteArray_GET_SIZE(proto.out) > self.max_pending_bytes:
+            return False  # Redis is not keeping up: refuse rather than grow without bound
+        head_len = snprintf(head, sizeof(head), "$%zd\r\n", size)
+        _append(proto.out, PyBytes_AS_STRING(prefix), PyBytes_GET_SIZE(prefix))
+        _append(proto.out, head, head_len)
+        _append(proto.out, payload, size)
+        _append(proto.out, "\r\n", 2)
+        proto.waiters.append(source)
+        if not proto.flush_scheduled:
+            proto._schedule_flush()
+        return True
+
+
+cdef class Route:
+    """One subscribed channel and the sockets of this process that receive it."""
+
+    def __init__(self, bytes channel, ready):
+        self.channel = channel
+        self.listeners = []
+        self.ready = ready
+        self.subscribed = False
+
+    cdef int deliver(self, bytes payload) except -1:
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(payload)
+        cdef WSMsgType msg_type = WSMsgType.TEXT
+        cdef SessionListener listener
+        # A payload that is not UTF-8 cannot be a text frame: send it as binary.
+        if size and not wsp_utf8_valid(<const unsigned char*>PyBytes_AS_STRING(payload), size):
+            msg_type = WSMsgType.BINARY
+        for listener in self.listeners:
+            listener.send_down(msg_type, payload)
+        return 0
+
+    def deliver_now(self, bytes payload):
+        """Deliver ``payload`` to every socket of the route (tests and benchmarks)."""
+        self.deliver(payload)
+
+
+cdef class PubSubProtocol(RedisProtocol):
+    """The pub/sub connection: ``message`` pushes go to their Route; the rest to on_control."""
+
+    def __init__(self, owner, dict routes, on_control):
+        RedisProtocol.__init__(self, owner)
+        self.routes = routes
+        self.on_control = on_control
+
+    cdef int on_reply(self, object reply) except -1:
+        cdef Route route
+        if type(reply) is list and len(<list>reply) == 3 and (<list>reply)[0] == b"message":
+            route = self.routes.get((<list>reply)[1])
+            if route is not None:
+                route.deliver((<list>reply)[2])
+            return 0
+        self.on_control(reply)
+        return 0
+
+
+# ---------------------------------------------------------------------------
+# The per-socket listener
+
+cdef inline int _safe_close_code(int code) noexcept:
+    # Codes a server may send back in its CLOSE; anything else is answered with 1000.
+    if code == 1000 or code == 1001 or code == 1002 or code == 1003:
+        return code
+    if 1007 <= code <= 1014 or 3000 <= code <= 4999:
+        return code
+    return 1000
+
+
+cdef class SessionListener(WSListener):
+    """One client WebSocket: upstream validation and publish, downstream sends, closing.
+
+    ``events`` (wsproxy.session.ConnectionTable) hears ``connected(l)``,
+    ``disconnected(l)`` and ``too_slow(l)``; none of those is per message.
+    """
+
+    def __init__(self, Upstream upstream, bytes up_channel, conn_id, str session_id,
+                 str agent_id, events):
+        self.upstream = upstream
+        self.up_prefix = publish_prefix(up_channel)
+        self.transport = None
+        self.pending = []
+        self.pending_bytes = 0
+        self.fragments = None
+        self.in_fragmented = False
+        self.fragmented_binary = False
+        self.fragmented_oversize = False
+        self.too_slow = False
+        self.closing = False
+        self.connected = False
+        self.last_activity = g_now
+        self.last_ping = 0.0
+        self.conn_id = conn_id
+        self.session_id = session_id
+        self.agent_id = agent_id
+        self.events = events
+        self.close_code = None
+        self.close_reason = None
+
+    # picows callbacks ---------------------------------------------------------
+    cpdef on_ws_connected(self, WSTransport transport):
+        cdef bytes payload
+        self.transport = transport
+        self.connected = True
+        self.last_activity = g_now
+        transport.underlying_transport.set_write_buffer_limits(high=g_max_buffer)
+        # Messages that arrived between the SUBSCRIBE ack and the 101 go first.
+        pending = self.pending
+        self.pending = None
+        self.pending_bytes = 0
+        for payload in pending:
+            if PyBytes_GET_SIZE(payload) and not wsp_utf8_valid(
+                    <const unsigned char*>PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload)):
+                self.send_down(WSMsgType.BINARY, payload)
+            else:
+                self.send_down(WSMsgType.TEXT, payload)
+        self.events.connected(self)
+
+    cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
+        cdef WSMsgType msg_type = frame.msg_type
+        self.last_activity = g_now
+        if msg_type == WSMsgType.TEXT or msg_type == WSMsgType.BINARY:
+            if self.in_fragmented:
+                self._protocol_error("new message before the previous one finished")
+                return
+            if msg_type == WSMsgType.BINARY:
+                if frame.fin:
+                    STATS.errors_binary += 1
+                    self._send_error(ERR_BINARY)
+                else:
+                    self._start_fragmented(True, frame)
+                return
+            if frame.fin:
+                self._on_message(frame.payload_ptr, frame.payload_size)
+            else:
+                self._start_fragmented(False, frame)
+        elif msg_type == WSMsgType.CONTINUATION:
+            if not self.in_fragmented:
+                self._protocol_error("continuation frame without a message")
+                return
+            if not self.fragmented_oversize:
+                if PyByteArray_GET_SIZE(self.fragments) + frame.payload_size > g_max_message:
+                    self.fragmented_oversize = True
+                    self.fragments = None
+                elif not self.fragmented_binary:
+                    _append(self.fragments, frame.payload_ptr, frame.payload_size)
+            if frame.fin:
+                self._finish_fragmented()
+        elif msg_type == WSMsgType.PING:
+            transport.send_pong(frame.get_payload_as_bytes())
+        elif msg_type == WSMsgType.CLOSE:
+            self._on_close_frame(frame)
+        # PONG: nothing beyond the activity stamp above.
+
+    cpdef on_ws_disconnected(self, WSTransport transport):
+        self.connected = False
+        self.events.disconnected(self)
+
+    cpdef pause_writing(self):
+        # The transport's unsent buffer passed MAX_BUFFER_SIZE_BYTES: the client is
+        # not reading. Stop sending at once; the close happens outside the write call.
+        if not self.too_slow:
+            self.too_slow = True
+            STATS.backpressure_disconnects += 1
+            self.events.too_slow(self)
+
+    cpdef resume_writing(self):
+        pass
+
+    # upstream -----------------------------------------------------------------
+    cdef int _on_message(self, const char* data, Py_ssize_t size) except -1:
+        if size > g_max_message:
+            STATS.errors_too_large += 1
+            self._send_error(g_err_too_large)
+            return 0
+        if size == 0 or not wsp_json_valid(<const unsigned char*>data, <size_t>size):
+            STATS.errors_invalid_json += 1
+            self._send_error(ERR_INVALID_JSON)
+            return 0
+        if self.upstream.publish(self, self.up_prefix, data, size):
+            STATS.messages_up += 1
+            STATS.bytes_up += size
+        else:
+            STATS.errors_upstream_unavailable += 1
+            self._send_error(ERR_UNAVAILABLE)
+        return 0
+
+    cdef _start_fragmented(self, bint binary, WSFrame frame):
+        self.in_fragmented = True
+        self.fragmented_binary = binary
+        self.fragmented_oversize = frame.payload_size > g_max_message
+        if binary or self.fragmented_oversize:
+            self.fragments = None
+        else:
+            self.fragments = bytearray()
+            _append(self.fragments, frame.payload_ptr, frame.payload_size)
+
+    cdef _finish_fragmented(self):
+        cdef bytearray message = self.fragments
+        self.in_fragmented = False
+        self.fragments = None
+        if self.fragmented_binary:
+            STATS.errors_binary += 1
+            self._send_error(ERR_BINARY)
+        elif self.fragmented_oversize:
+            STATS.errors_too_large += 1
+            self._send_error(g_err_too_large)
+        else:
+            self._on_message(PyByteArray_AS_STRING(message), PyByteArray_GET_SIZE(message))
+
+    cdef int _send_error(self, bytes error) except -1:
+        if self.transport is not None and not self.closing:
+            self.transport.send(WSMsgType.TEXT, error)
+        return 0
+
+    # downstream ---------------------------------------------------------------
+    cdef int send_down(self, WSMsgType msg_type, bytes payload) except -1:
+        if self.transport is None:
+            if self.pending is not None:
+                # Still in the handshake: keep it for on_ws_connected, within the
+                # same bound a slow socket gets.
+                self.pending_bytes += PyBytes_GET_SIZE(payload)
+                if self.pending_bytes > g_max_buffer:
+                    self.pending = None
+                    self.too_slow = True
+                else:
+                    self.pending.append(payload)
+            return 0
+        if self.too_slow or self.closing:
+            return 0
+        self.transport.send(msg_type, payload)
+        STATS.messages_down += 1
+        STATS.bytes_down += PyBytes_GET_SIZE(payload)
+        return 0
+
+    # closing ------------------------------------------------------------------
+    cdef _on_close_frame(self, WSFrame frame):
+        cdef int code = <int>frame.get_close_code()
+        if self.close_code is None:
+            self.close_code = code if code != 0 else 1005
+            self.close_reason = "client closed"
+        self.closing = True
+        self.transport.send_close(<WSCloseCode>_safe_close_code(code))
+        self.transport.disconnect()
+
+    cdef _protocol_error(self, str reason):
+        STATS.errors_protocol += 1
+        self.close(1002, reason)
+
+    def close(self, int code, str reason, double abort_after=2.0):
+        """Send CLOSE ``code``; drop the TCP connection if the client has not closed
+        its side within ``abort_after`` seconds."""
+        if self.transport is None or self.closing:
+            return
+        self.closing = True
+        if self.close_code is None:
+            self.close_code = code
+            self.close_reason = reason
+        self.transport.send_close(<WSCloseCode>code, reason.encode())
+        self.transport._loop.call_later(abort_after, self._abort_if_open)
+
+    def abort(self):
+        """Drop the TCP connection at once."""
+        if self.transport is not None:
+            self.transport.disconnect(False)
+
+    def _abort_if_open(self):
+        if self.transport is not None and not self.transport.is_disconnected:
+            self.transport.disconnect(False)
+
+    def send_ping(self):
+        """Send a heartbeat PING."""
+        if self.transport is not None and not self.closing:
+            self.transport.send_ping()
+
+    def send_text(self, payload):
+        """Send one text frame (tests and control paths, not the hot path)."""
+        self.send_down(WSMsgType.TEXT, payload)
+
+    @property
+    def write_buffer_size(self) -> int:
+        """Bytes this socket has queued and not yet written."""
+        if self.transport is None:
+            return 0
+        return self.transport.underlying_transport.get_write_buffer_size()
+
+
+def heartbeat_sweep(listeners, double now, double interval, double timeout) -> int:
+    """Ping idle sockets, close silent ones; returns how many were closed.
+
+    A socket is idle when nothing (data, ping or pong) arrived for ``interval``
+    seconds; it is pinged then and every ``interval`` after, and closed with 1011
+    once silent for ``timeout``.
+    """
+    cdef SessionListener listener
+    cdef double idle
+    cdef int closed = 0
+    for listener in listeners:
+        if listener.closing or listener.transport is None:
+            continue
+        idle = now - listener.last_activity
+        if idle >= timeout:
+            STATS.ping_timeouts += 1
+            listener.close(1011, "ping timeout")
+            closed += 1
+        elif idle >= interval and now - listener.last_ping >= interval:
+            listener.last_ping = now
+            listener.transport.send_ping()
+    return closed

@@ -1,0 +1,86 @@
+"""Log lines: one JSON object a line (``LOG_FORMAT=json``) or readable text.
+
+Callers log *events* with fields: ``log_event(logging.INFO, "connection_open",
+session_id=sid, conn_id=cid)``. No token is ever passed in; as a second guard, the
+formatter masks anything that looks like a bearer token or an ``access_token``
+parameter, whatever path it came from.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+from typing import Any
+
+import orjson
+
+LOGGER_NAME = "wsproxy"
+logger = logging.getLogger(LOGGER_NAME)
+
+_SECRET = re.compile(
+    r"(?i)(bearer\s+|access_token=|access_token%3d)([^\s&\"'\\,;]+)"
+)
+
+
+def redact(text: str) -> str:
+    """Mask bearer tokens and ``access_token`` values in ``text``."""
+    return _SECRET.sub(lambda m: m.group(1) + "[redacted]", text)
+
+
+def _iso_time(created: float) -> str:
+    seconds = int(created)
+    millis = int((created - seconds) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, event, then the event's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = getattr(record, "fields", None) or {}
+        entry: dict[str, Any] = {
+            "time": _iso_time(record.created),
+            "level": record.levelname.lower(),
+            "event": getattr(record, "event", None) or "log",
+        }
+        entry.update(fields)
+        if not getattr(record, "event", None):
+            entry["message"] = record.getMessage()
+            entry["logger"] = record.name
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return redact(orjson.dumps(entry, default=str).decode())
+
+
+class TextFormatter(logging.Formatter):
+    """``2026-01-01T00:00:00.000Z info  connection_open session_id=abc conn_id=7``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = getattr(record, "fields", None) or {}
+        event = getattr(record, "event", None) or record.getMessage()
+        parts = [_iso_time(record.created), f"{record.levelname.lower():<7}", event]
+        parts.extend(f"{k}={v}" for k, v in fields.items())
+        line = " ".join(parts)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return redact(line)
+
+
+def configure(level: str, fmt: str) -> None:
+    """Send wsproxy's (and its libraries') logs to stderr in the chosen format."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper()))
+    # picows logs every accepted connection at INFO, and request details at DEBUG:
+    # too chatty for thousands of sockets, and a request line may carry a token.
+    logging.getLogger("picows").setLevel(logging.WARNING)
+
+
+def log_event(level: int, event: str, **fields: Any) -> None:
+    """Log ``event`` with ``fields`` (never a token) if ``level`` is enabled."""
+    if logger.isEnabledFor(level):
+        logger.log(level, event, extra={"event": event, "fields": fields})

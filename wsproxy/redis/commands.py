@@ -1,0 +1,64 @@
+"""The command connection: GET and EXPIRE for auth, PUBLISH for every client message.
+
+One connection per process. Commands are pipelined: each is appended to one write
+buffer flushed once a loop iteration, and replies are matched in order
+(``wsproxy._fastpath.CommandProtocol``). PUBLISH goes through :attr:`upstream`,
+the C-level handle the sockets hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from .._fastpath import CommandProtocol, Upstream, encode_command
+from ..config import RedisAddress
+from .connection import ReconnectingLink, RedisUnavailable, expect_ok, hello_commands
+
+
+class CommandClient(ReconnectingLink):
+    """The process' command connection to Redis, reconnecting by itself."""
+
+    role = "command"
+
+    def __init__(self, address: RedisAddress) -> None:
+        super().__init__(address)
+        self.upstream = Upstream()
+
+    def make_protocol(self) -> CommandProtocol:
+        return CommandProtocol(self)
+
+    async def on_connected(self, proto: Any) -> None:
+        for command in hello_commands(self.address, select_db=True):
+            await expect_ok(proto.request(command), "AUTH/SELECT")
+        await expect_ok(proto.request(encode_command("PING")), "PING")
+        self.upstream.proto = proto
+
+    def on_disconnected(self, proto: Any, exc: BaseException | None) -> None:
+        if self.upstream.proto is proto:
+            self.upstream.proto = None
+        proto.fail_pending(RedisUnavailable(str(exc) if exc else "connection closed"))
+
+    def _live(self) -> CommandProtocol:
+        proto = self.upstream.proto
+        if proto is None or not proto.connected:
+            raise RedisUnavailable("not connected to Redis")
+        return proto
+
+    async def execute(self, *args: Any) -> Any:
+        """Send one command and return its reply; an error reply is raised as-is."""
+        reply = await self._live().request(encode_command(*args))
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    def execute_noreply(self, *args: Any) -> None:
+        """Send one command whose reply nobody needs (EXPIRE after auth)."""
+        self._live().send_noreply(encode_command(*args))
+
+    async def ping(self, timeout: float) -> bool:
+        """True if Redis answered PING within ``timeout`` seconds."""
+        try:
+            return await asyncio.wait_for(self.execute("PING"), timeout) == b"PONG"
+        except (RedisUnavailable, asyncio.TimeoutError, Exception):
+            return False

@@ -1,0 +1,165 @@
+"""The pub/sub connection and the channel router.
+
+One connection per process carries every ``session:{sid}:down`` subscription.
+Subscriptions are reference-counted per channel: the first socket of a session
+subscribes, the last one to go unsubscribes, and an older socket's close never
+silences a newer one. Redis answers (un)subscribe and PING in order, so the
+control replies are matched to a FIFO of what we sent. ``message`` pushes never
+reach Python: ``_fastpath.PubSubProtocol`` routes them to their sockets.
+
+After a reconnect every live channel is subscribed again, in batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import Any
+
+from .._fastpath import PubSubProtocol, Route, SessionListener, encode_command
+from ..config import RedisAddress
+from ..log import log_event
+from .connection import ReconnectingLink, RedisUnavailable, expect_ok, hello_commands
+
+RESUBSCRIBE_BATCH = 500
+
+
+class PubSub(ReconnectingLink):
+    """The process' pub/sub connection, with the channel -> Route table."""
+
+    role = "pubsub"
+
+    def __init__(self, address: RedisAddress) -> None:
+        super().__init__(address)
+        self.routes: dict[bytes, Route] = {}
+        # What each control reply answers, in order: (kind, Route | Future | None).
+        self._expected: deque[tuple[str, Any]] = deque()
+        self._resubscribe_task: asyncio.Task[None] | None = None
+
+    def make_protocol(self) -> PubSubProtocol:
+        return PubSubProtocol(self, self.routes, self._on_control)
+
+    # connection lifecycle ------------------------------------------------------
+    async def on_connected(self, proto: Any) -> None:
+        loop = asyncio.get_running_loop()
+        for command in hello_commands(self.address, select_db=False):
+            fut = loop.create_future()
+            self._expected.append(("reply", fut))
+            proto.send(command)
+            await expect_ok(fut, "AUTH")
+        if self.routes:
+            self._resubscribe_task = loop.create_task(self._resubscribe(proto))
+
+    async def _resubscribe(self, proto: Any) -> None:
+        """Subscribe every live channel again, a batch at a time."""
+        channels = list(self.routes)
+        started = asyncio.get_running_loop().time()
+        for i in range(0, len(channels), RESUBSCRIBE_BATCH):
+            if proto is not self.proto:
+                return
+            batch = [c for c in channels[i:i + RESUBSCRIBE_BATCH] if c in self.routes]
+            if not batch:
+                continue
+            routes = [self.routes[c] for c in batch]
+            for route in routes:
+                self._expected.append(("subscribe", route))
+            proto.send(encode_command("SUBSCRIBE", *batch))
+            try:
+                await asyncio.shield(routes[-1].ready)
+            except (RedisUnavailable, asyncio.CancelledError):
+                return
+        log_event(logging.INFO, "redis_resubscribed", channels=len(channels),
+                  seconds=round(asyncio.get_running_loop().time() - started, 3))
+
+    def on_disconnected(self, proto: Any, exc: BaseException | None) -> None:
+        error = RedisUnavailable(str(exc) if exc else "pub/sub connection closed")
+        expected, self._expected = self._expected, deque()
+        for kind, target in expected:
+            if kind == "reply" and target is not None and not target.done():
+                target.set_exception(error)
+        loop = asyncio.get_running_loop()
+        for route in self.routes.values():
+            route.subscribed = False
+            if not route.ready.done():
+                route.ready.set_exception(error)
+                route.ready.exception()  # retrieved: nobody may be waiting on it
+            route.ready = loop.create_future()
+
+    # control replies ----------------------------------------------------------
+    def _on_control(self, reply: Any) -> None:
+        if not self._expected:
+            log_event(logging.WARNING, "redis_unexpected_reply", role=self.role,
+                      reply=repr(reply)[:200])
+            return
+        kind, target = self._expected.popleft()
+        if kind == "subscribe":
+            route: Route = target
+            if isinstance(reply, Exception):
+                if not route.ready.done():
+                    route.ready.set_exception(RedisUnavailable(f"SUBSCRIBE failed: {reply}"))
+                    route.ready.exception()
+                return
+            # The ack may be for a route that was dropped meanwhile: harmless.
+            route.subscribed = True
+            if not route.ready.done():
+                route.ready.set_result(None)
+        elif kind == "reply" and target is not None and not target.done():
+            target.set_result(reply)
+
+    # subscriptions ------------------------------------------------------------
+    def attach(self, channel: bytes, listener: SessionListener) -> Route:
+        """Register ``listener`` for ``channel`` *before* anything is sent to Redis,
+        subscribing if it is the channel's first socket. Await :meth:`wait_subscribed`
+        next. Raises RedisUnavailable if the connection is down."""
+        proto = self.proto
+        if proto is None or not self.ready.is_set():
+            raise RedisUnavailable("pub/sub connection is down")
+        route = self.routes.get(channel)
+        if route is None:
+            route = Route(channel, asyncio.get_running_loop().create_future())
+            self.routes[channel] = route
+            route.listeners.append(listener)
+            self._expected.append(("subscribe", route))
+            proto.send(encode_command("SUBSCRIBE", channel))
+        else:
+            route.listeners.append(listener)
+        return route
+
+    async def wait_subscribed(self, route: Route) -> None:
+        """Return once Redis confirmed the route's SUBSCRIBE."""
+        if not route.subscribed:
+            await asyncio.shield(route.ready)
+
+    def detach(self, channel: bytes, listener: SessionListener) -> None:
+        """Remove ``listener``; unsubscribe when it was the channel's last socket."""
+        route = self.routes.get(channel)
+        if route is None:
+            return
+        try:
+            route.listeners.remove(listener)
+        except ValueError:
+            return
+        if route.listeners:
+            return
+        del self.routes[channel]
+        if not route.ready.done():
+            route.ready.cancel()
+        proto = self.proto
+        if proto is not None and self.ready.is_set():
+            self._expected.append(("unsubscribe", None))
+            proto.send(encode_command("UNSUBSCRIBE", channel))
+
+    async def ping(self, timeout: float) -> bool:
+        """True if the pub/sub connection answered PING within ``timeout``."""
+        proto = self.proto
+        if proto is None or not self.ready.is_set():
+            return False
+        fut = asyncio.get_running_loop().create_future()
+        self._expected.append(("reply", fut))
+        proto.send(encode_command("PING"))
+        try:
+            await asyncio.wait_for(fut, timeout)
+            return True
+        except (asyncio.TimeoutError, RedisUnavailable):
+            return False
