@@ -43,7 +43,7 @@ def raw_request(port: int, data: bytes, timeout: float = 5.0) -> bytes:
         while True:
             try:
                 chunk = s.recv(65536)
-            except (ConnectionResetError, socket.timeout):
+            except (TimeoutError, ConnectionResetError):
                 break
             if not chunk:
                 break

@@ -52,7 +52,7 @@ async def check_token(
     key = auth_key(session_id)
     try:
         stored = await asyncio.wait_for(redis.execute("GET", key), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return AuthResult.TIMEOUT
     except RedisUnavailable:
         return AuthResult.UNAVAILABLE

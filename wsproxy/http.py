@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from picows import WSAutoPingStrategy
-from picows.picows import WSProtocol  # internal API: see the module docstring
+from picows.picows import WSProtocol  # type: ignore[attr-defined]  # internal API, see above
 
 from ._fastpath import SessionListener
 from .auth import AuthResult, check_token, token_from_request
@@ -297,7 +297,7 @@ class Gate(asyncio.Protocol):
             try:
                 await asyncio.wait_for(server.pubsub.wait_subscribed(route),
                                        max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 reject(504, "subscription timed out", "subscribe_timeout")
                 return
             except RedisUnavailable:

@@ -127,7 +127,7 @@ class Server:
         try:
             await asyncio.wait_for(
                 asyncio.gather(self.command.ready.wait(), self.pubsub.ready.wait()), 2.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log_event(logging.WARNING, "redis_unavailable_at_start",
                       redis=self.config.redis.display, retrying=True)
 

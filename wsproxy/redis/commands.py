@@ -60,5 +60,5 @@ class CommandClient(ReconnectingLink):
         """True if Redis answered PING within ``timeout`` seconds."""
         try:
             return await asyncio.wait_for(self.execute("PING"), timeout) == b"PONG"
-        except (RedisUnavailable, asyncio.TimeoutError, Exception):
+        except (TimeoutError, RedisUnavailable, Exception):
             return False

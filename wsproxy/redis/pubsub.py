@@ -161,5 +161,5 @@ class PubSub(ReconnectingLink):
         try:
             await asyncio.wait_for(fut, timeout)
             return True
-        except (asyncio.TimeoutError, RedisUnavailable):
+        except (TimeoutError, RedisUnavailable):
             return False
