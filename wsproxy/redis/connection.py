@@ -18,7 +18,7 @@ from ..config import RedisAddress
 from ..log import log_event
 
 BACKOFF_FIRST_SECS = 0.05
-BACKOFF_CAP_SECS = 2.0
+BACKOFF_CAP_SECS = 1.0
 CONNECT_TIMEOUT_SECS = 2.0
 
 
