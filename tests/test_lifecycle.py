@@ -1,0 +1,372 @@
+"""Production behaviour, done for real to real processes: heartbeat, slow clients, limits,
+Redis outages and stalls, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import struct
+import time
+
+import psutil
+import pytest
+import websockets
+
+from .conftest import wait_for
+from .rawws import RawWebSocket
+
+PING, PONG, CLOSE, TEXT = 0x9, 0xA, 0x8, 0x1
+
+
+def connect(proxy, sid: str, token: str = "tok", **kwargs):
+    return websockets.connect(f"{proxy.ws_url}/agent1/ws/{sid}",
+                              additional_headers={"Authorization": f"Bearer {token}"}, **kwargs)
+
+
+async def handshake_status(proxy, sid: str) -> int:
+    try:
+        async with connect(proxy, sid):
+            return 101
+    except websockets.InvalidStatus as exc:
+        return exc.response.status_code
+
+
+def set_tokens(server, sids) -> None:
+    pipe = server.client().pipeline(transaction=False)
+    for sid in sids:
+        pipe.set(f"session:{sid}:auth", "tok")
+    pipe.execute()
+
+
+def numsub_all(server, sids) -> list[int]:
+    return [n for _, n in server.client().pubsub_numsub(*[f"session:{s}:down" for s in sids])]
+
+
+# --- heartbeat -----------------------------------------------------------------------
+
+def test_client_that_never_answers_pings_is_closed(make_proxy, redis_server, session_id):
+    p = make_proxy(redis_server.url, WS_PING_INTERVAL_SECS=0.3, WS_PING_TIMEOUT_SECS=0.9)
+    set_tokens(redis_server, [session_id])
+    raw = RawWebSocket(p.port, f"/agent1/ws/{session_id}", "tok")
+    assert raw.status == 101
+    started = time.monotonic()
+    opcodes = []
+    close_payload = b""
+    while True:
+        opcode, payload = raw.read_frame()
+        opcodes.append(opcode)
+        if opcode == CLOSE:
+            close_payload = payload
+            break
+    elapsed = time.monotonic() - started
+    raw.close()
+    assert PING in opcodes  # it was pinged before being given up on
+    assert struct.unpack("!H", close_payload[:2])[0] == 1011
+    assert 0.8 <= elapsed <= 2.0
+
+
+def test_client_that_answers_pings_stays_open(make_proxy, redis_server, session_id):
+    p = make_proxy(redis_server.url, WS_PING_INTERVAL_SECS=0.2, WS_PING_TIMEOUT_SECS=0.5)
+    set_tokens(redis_server, [session_id])
+
+    async def main():
+        async with connect(p, session_id, ping_interval=None) as ws:  # pongs automatically
+            await asyncio.sleep(2.0)
+            redis_server.client().publish(f"session:{session_id}:down", '"alive"')
+            return await asyncio.wait_for(ws.recv(), 5)
+
+    assert asyncio.run(main()) == '"alive"'
+
+
+def test_raw_client_pong_keeps_connection(make_proxy, redis_server, session_id):
+    p = make_proxy(redis_server.url, WS_PING_INTERVAL_SECS=0.2, WS_PING_TIMEOUT_SECS=0.6)
+    set_tokens(redis_server, [session_id])
+    raw = RawWebSocket(p.port, f"/agent1/ws/{session_id}", "tok")
+    deadline = time.monotonic() + 2.0
+    pings = 0
+    while time.monotonic() < deadline:
+        opcode, payload = raw.read_frame()
+        assert opcode == PING, f"unexpected opcode {opcode}"
+        pings += 1
+        raw.send_frame(PONG, payload)
+    raw.send_frame(PING, b"mine")
+    opcode, payload = raw.read_frame()
+    while opcode == PING:
+        opcode, payload = raw.read_frame()
+    raw.close()
+    assert pings >= 3
+    assert (opcode, payload) == (PONG, b"mine")  # client pings are answered
+
+
+# --- slow clients ----------------------------------------------------------------------
+
+def test_slow_client_is_closed_and_others_keep_flowing(make_proxy, redis_server, session_id):
+    buffer_limit = 256 * 1024
+    p = make_proxy(redis_server.url, MAX_BUFFER_SIZE_BYTES=buffer_limit)
+    slow_sid, fast_sid = f"{session_id}-slow", f"{session_id}-fast"
+    set_tokens(redis_server, [slow_sid, fast_sid])
+    r = redis_server.client()
+    slow = RawWebSocket(p.port, f"/agent1/ws/{slow_sid}", "tok", rcvbuf=4096)
+    proc = psutil.Process(p.proc.pid)
+    rss_before = proc.memory_info().rss
+    payload = '{"flood":"' + "x" * 1000 + '"}'
+
+    async def main():
+        async with connect(p, fast_sid) as fast:
+            latencies = []
+            for batch in range(40):  # 40 x 500 x ~1 KiB = 20 MB aimed at the slow socket
+                pipe = r.pipeline(transaction=False)
+                for _ in range(500):
+                    pipe.publish(f"session:{slow_sid}:down", payload)
+                pipe.execute()
+                t0 = time.monotonic()
+                r.publish(f"session:{fast_sid}:down", f'{{"batch":{batch}}}')
+                assert await asyncio.wait_for(fast.recv(), 5) == f'{{"batch":{batch}}}'
+                latencies.append(time.monotonic() - t0)
+            return latencies
+
+    latencies = asyncio.run(main())
+    rss_after = proc.memory_info().rss
+    # The slow socket is gone: reading what is left ends in EOF or a reset, soon.
+    slow.sock.settimeout(5)
+    closed = False
+    try:
+        while True:
+            if not slow.sock.recv(65536):
+                closed = True
+                break
+    except (ConnectionResetError, ConnectionError):
+        closed = True
+    slow.close()
+    assert closed
+    wait_for(lambda: '"code":1008' in p.log(), 5, "close 1008 in the log")
+    assert "client too slow" in p.log()
+    assert sorted(latencies)[len(latencies) // 2] < 0.05  # the median fast-socket delivery
+    assert rss_after - rss_before < 64 * 1024 * 1024  # 20 MB sent at it; not kept
+    metrics = p.get("/metrics")[1].decode()
+    assert "wsproxy_backpressure_disconnects_total 1" in metrics
+
+
+# --- limits ------------------------------------------------------------------------------
+
+def test_silent_and_trickling_clients_are_dropped(make_proxy, redis_server, session_id):
+    p = make_proxy(redis_server.url, HANDSHAKE_TIMEOUT_SECS=0.5)
+    set_tokens(redis_server, [session_id])
+
+    async def main():
+        async with connect(p, session_id) as ws:  # an open socket must not be disturbed
+            silent = socket.create_connection(("127.0.0.1", p.port))
+            trickle = socket.create_connection(("127.0.0.1", p.port))
+            silent.settimeout(3)
+            trickle.settimeout(3)
+            started = time.monotonic()
+            head = b"GET /health HTTP/1.1\r\nHost: x\r\n"
+            dropped_at = None
+            for i in range(30):
+                try:
+                    trickle.send(head[i:i + 1])
+                except OSError:
+                    dropped_at = time.monotonic() - started
+                    break
+                await asyncio.sleep(0.05)
+                trickle.setblocking(False)
+                try:
+                    if trickle.recv(1) == b"":
+                        dropped_at = time.monotonic() - started
+                        break
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    dropped_at = time.monotonic() - started
+                    break
+                finally:
+                    trickle.setblocking(True)
+                    trickle.settimeout(3)
+            assert silent.recv(1) == b""
+            silent_elapsed = time.monotonic() - started
+            redis_server.client().publish(f"session:{session_id}:down", '"still here"')
+            got = await asyncio.wait_for(ws.recv(), 5)
+            silent.close()
+            trickle.close()
+            return dropped_at, silent_elapsed, got
+
+    dropped_at, silent_elapsed, got = asyncio.run(main())
+    assert dropped_at is not None and 0.4 <= dropped_at <= 1.5
+    assert 0.4 <= silent_elapsed <= 1.5
+    assert got == '"still here"'
+
+
+# --- Redis outage ----------------------------------------------------------------------
+
+def test_redis_killed_and_restarted(make_redis, make_proxy, session_id):
+    server = make_redis()
+    p = make_proxy(server.url)
+    sids = [f"{session_id}-{i}" for i in range(100)]
+    set_tokens(server, sids)
+
+    async def main():
+        sockets = [await connect(p, sid) for sid in sids]
+        assert numsub_all(server, sids) == [1] * 100
+
+        server.kill()
+        wait_for(lambda: p.get("/health")[0] == 503, 5, "/health 503 after SIGKILL")
+        assert p.get("/ready")[0] == 503
+        assert await handshake_status(p, f"{session_id}-new") == 503
+        await sockets[0].send('{"during":"outage"}')
+        assert await asyncio.wait_for(sockets[0].recv(), 5) == '{"error":"Upstream unavailable"}'
+        for ws in sockets:  # every socket is still open
+            await asyncio.wait_for(await ws.ping(), 5)
+
+        server.start()  # same port, empty
+        restarted = time.monotonic()
+        wait_for(lambda: numsub_all(server, sids) == [1] * 100, 5, "re-subscription")
+        resubscribed_in = time.monotonic() - restarted
+        wait_for(lambda: p.get("/health")[0] == 200, 5, "/health 200 again")
+        assert p.get("/ready")[0] == 200
+
+        r = server.client()
+        for i, sid in enumerate(sids):
+            assert r.publish(f"session:{sid}:down", f'{{"after":{i}}}') == 1
+        for i, ws in enumerate(sockets):
+            assert await asyncio.wait_for(ws.recv(), 5) == f'{{"after":{i}}}'
+        up = r.pubsub()
+        up.subscribe(f"session:{sids[5]}:up")
+        up.get_message(timeout=5)
+        await sockets[5].send('{"upstream":"back"}')
+        message = None
+        deadline = time.monotonic() + 5
+        while message is None and time.monotonic() < deadline:
+            m = up.get_message(timeout=0.5)
+            if m and m["type"] == "message":
+                message = m["data"]
+        set_tokens(server, [f"{session_id}-new"])
+        new_status = await handshake_status(p, f"{session_id}-new")
+        for ws in sockets:
+            await ws.close()
+        return resubscribed_in, message, new_status
+
+    resubscribed_in, message, new_status = asyncio.run(main())
+    assert resubscribed_in < 2.0
+    assert message == b'{"upstream":"back"}'
+    assert new_status == 101
+    metrics = p.get("/metrics")[1].decode()
+    reconnects = [line for line in metrics.splitlines()
+                  if line.startswith("wsproxy_redis_reconnects_total ")]
+    assert reconnects and float(reconnects[0].split()[1]) >= 2  # both connections
+    assert p.proc.poll() is None
+
+
+def test_redis_that_stops_answering_is_an_outage(make_redis, make_proxy, session_id):
+    server = make_redis()
+    p = make_proxy(server.url, AUTH_TIMEOUT_SECS=0.5)
+    set_tokens(server, [session_id])
+    blocker = server.client()
+
+    async def main():
+        async with connect(p, session_id) as ws:
+            loop = asyncio.get_running_loop()
+            sleeper = loop.run_in_executor(None, blocker.execute_command, "DEBUG", "SLEEP", "4")
+            await asyncio.sleep(0.1)
+            # Connected but silent: caught by the health PING, not by a TCP error.
+            stalled = time.monotonic()
+            await loop.run_in_executor(None, wait_for, lambda: p.get("/health")[0] == 503, 3.5,
+                                       "/health 503 during the stall")
+            detected_in = time.monotonic() - stalled
+            await sleeper
+            await loop.run_in_executor(None, wait_for, lambda: p.get("/health")[0] == 200, 5,
+                                       "/health 200 after the stall")
+            await loop.run_in_executor(None, wait_for,
+                                       lambda: numsub_all(server, [session_id]) == [1], 5,
+                                       "re-subscribed after the stall")
+            server.client().publish(f"session:{session_id}:down", '"after stall"')
+            return detected_in, await asyncio.wait_for(ws.recv(), 5)
+
+    detected_in, got = asyncio.run(main())
+    assert detected_in < 3.0
+    assert got == '"after stall"'
+    assert "redis_stalled" in p.log()
+
+
+# --- shutdown ----------------------------------------------------------------------------
+
+def test_sigterm_drains_then_closes_1001_and_exits_0(make_proxy, redis_server, session_id):
+    p = make_proxy(redis_server.url, SHUTDOWN_GRACE_PERIOD_SECS=2)
+    sids = [f"{session_id}-{i}" for i in range(100)]
+    set_tokens(redis_server, sids + [f"{session_id}-late"])
+    r = redis_server.client()
+
+    async def main():
+        sockets = [await connect(p, sid) for sid in sids]
+        p.proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, wait_for, lambda: p.get("/ready")[0] == 503, 1,
+                                   "/ready 503 at once")
+        assert await handshake_status(p, f"{session_id}-late") == 503
+        # Open sockets keep working during the grace period.
+        for i, sid in enumerate(sids):
+            assert r.publish(f"session:{sid}:down", f'{{"grace":{i}}}') == 1
+        for i, ws in enumerate(sockets):
+            assert await asyncio.wait_for(ws.recv(), 5) == f'{{"grace":{i}}}'
+        codes = []
+        for ws in sockets:
+            try:
+                await asyncio.wait_for(ws.recv(), 10)
+            except websockets.ConnectionClosed as exc:
+                codes.append(exc.rcvd.code if exc.rcvd else None)
+        closed_after = time.monotonic() - signalled
+        return codes, closed_after
+
+    codes, closed_after = asyncio.run(main())
+    assert codes == [1001] * 100
+    assert 1.8 <= closed_after <= 6
+    assert p.proc.wait(10) == 0
+    log = p.log()
+    assert "Traceback" not in log
+    events = [json.loads(line)["event"] for line in log.splitlines() if line.startswith("{")]
+    assert "shutdown_started" in events and "shutdown_complete" in events
+
+
+def test_second_signal_closes_at_once(make_proxy, redis_server, session_id):
+    p = make_proxy(redis_server.url, SHUTDOWN_GRACE_PERIOD_SECS=30)
+    set_tokens(redis_server, [session_id])
+
+    async def main():
+        async with connect(p, session_id) as ws:
+            p.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            p.proc.send_signal(signal.SIGINT)
+            started = time.monotonic()
+            with pytest.raises(websockets.ConnectionClosed) as info:
+                await asyncio.wait_for(ws.recv(), 10)
+            return info.value.rcvd.code if info.value.rcvd else None, time.monotonic() - started
+
+    code, elapsed = asyncio.run(main())
+    assert code == 1001
+    assert elapsed < 2.0
+    assert p.proc.wait(10) == 0
+
+
+def test_shutdown_close_spread(make_proxy, redis_server, session_id):
+    p = make_proxy(redis_server.url, SHUTDOWN_GRACE_PERIOD_SECS=0, SHUTDOWN_CLOSE_SPREAD_SECS=1)
+    sids = [f"{session_id}-{i}" for i in range(20)]
+    set_tokens(redis_server, sids)
+
+    async def main():
+        sockets = [await connect(p, sid) for sid in sids]
+        p.proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+
+        async def closed_at(ws):
+            try:
+                await asyncio.wait_for(ws.recv(), 10)
+            except websockets.ConnectionClosed:
+                return time.monotonic() - started
+
+        return await asyncio.gather(*(closed_at(ws) for ws in sockets))
+
+    times = sorted(asyncio.run(main()))
+    assert times[-1] - times[0] >= 0.6  # spread out, not all in the same instant
+    assert p.proc.wait(10) == 0
