@@ -1,7 +1,7 @@
 """Type stubs for the compiled core (wsproxy/_fastpath.pyx)."""
 
-from collections.abc import Callable, Iterable
 import asyncio
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import picows

@@ -36,7 +36,8 @@ class RedisAddress:
         """The address without credentials, fit for a log line."""
         if self.scheme == "unix":
             return f"unix://{self.path}"
-        return f"{self.scheme}://{self.host}:{self.port}/{self.db}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}/{self.db}"
 
 
 def parse_redis_url(url: str) -> RedisAddress:
@@ -51,19 +52,29 @@ def parse_redis_url(url: str) -> RedisAddress:
     if scheme == "unix":
         if not parts.path:
             raise ValueError("unix:// needs a socket path")
-        db = int(query.get("db", "0"))
+        db = _db_number(query.get("db", "0"))
         return RedisAddress(scheme, "", 0, parts.path, username, password, db)
     if not parts.hostname:
         raise ValueError("missing host")
     try:
-        port = parts.port or 6379
+        port = 6379 if parts.port is None else parts.port
     except ValueError as exc:  # urlsplit raises on a port that is not a number
         raise ValueError("invalid port") from exc
+    if not 1 <= port <= 65535:
+        raise ValueError("invalid port")
     path = parts.path.strip("/")
-    db = int(path) if path else int(query.get("db", "0"))
-    if db < 0:
-        raise ValueError("db must be >= 0")
+    db = _db_number(path if path else query.get("db", "0"))
     return RedisAddress(scheme, parts.hostname, port, "", username, password, db)
+
+
+def _db_number(text: str) -> int:
+    try:
+        db = int(text)
+    except ValueError as exc:
+        raise ValueError("the database number must be an integer") from exc
+    if db < 0:
+        raise ValueError("the database number must be >= 0")
+    return db
 
 
 def _positive_int(text: str) -> int:

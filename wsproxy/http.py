@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 MAX_HEAD_BYTES = 16 * 1024  # picows refuses request heads of this size too
 _ID = re.compile(r"[A-Za-z0-9._~-]{1,128}")
 _WS_PATH = re.compile(r"/([^/]*)/ws/([^/]*)")
+_HTTP1_VERSION = re.compile(r"HTTP/1\.[0-9]")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 field-name
 _PICOWS_LOGGER = logging.getLogger("picows.server")
 # picows' read buffer starts at this size and grows for larger frames; a small start
 # keeps idle sockets cheap.
@@ -70,14 +72,14 @@ def parse_request_head(head: bytes) -> Request:
     if len(parts) != 3 or not parts[0] or not parts[1]:
         raise BadRequest("malformed request line")
     method, target, version = parts
-    if not version.startswith("HTTP/1."):
+    if not _HTTP1_VERSION.fullmatch(version):
         raise BadRequest("unsupported HTTP version")
     if not target.startswith("/"):
         raise BadRequest("request target must be a path")
     headers: dict[str, str] = {}
     for line in lines[1:]:
         name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip() or line[0] in " \t":
+        if not sep or not _TOKEN.fullmatch(name):
             raise BadRequest("malformed header line")
         headers.setdefault(name.lower(), value.strip(" \t"))
     path, _, query = target.partition("?")

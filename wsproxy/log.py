@@ -20,13 +20,20 @@ LOGGER_NAME = "wsproxy"
 logger = logging.getLogger(LOGGER_NAME)
 
 _SECRET = re.compile(
-    r"(?i)(bearer\s+|access_token=|access_token%3d)([^\s&\"'\\,;]+)"
+    r"(?i)(bearer\s+|access_token=|access_token%3d|access_token\"\s*:\s*\")"
+    r"([^\s&\"'\\,;]+)"
 )
+# Fields whose value is a secret by name, whatever it looks like.
+_SECRET_FIELD = re.compile(r"(?i)token|authorization|password|secret")
 
 
 def redact(text: str) -> str:
     """Mask bearer tokens and ``access_token`` values in ``text``."""
     return _SECRET.sub(lambda m: m.group(1) + "[redacted]", text)
+
+
+def _mask_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: ("[redacted]" if _SECRET_FIELD.search(k) else v) for k, v in fields.items()}
 
 
 def _iso_time(created: float) -> str:
@@ -45,7 +52,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "event": getattr(record, "event", None) or "log",
         }
-        entry.update(fields)
+        entry.update(_mask_fields(fields))
         if not getattr(record, "event", None):
             entry["message"] = record.getMessage()
             entry["logger"] = record.name
@@ -61,7 +68,7 @@ class TextFormatter(logging.Formatter):
         fields: dict[str, Any] = getattr(record, "fields", None) or {}
         event = getattr(record, "event", None) or record.getMessage()
         parts = [_iso_time(record.created), f"{record.levelname.lower():<7}", event]
-        parts.extend(f"{k}={v}" for k, v in fields.items())
+        parts.extend(f"{k}={v}" for k, v in _mask_fields(fields).items())
         line = " ".join(parts)
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
