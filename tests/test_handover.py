@@ -1,0 +1,95 @@
+"""Guards on the hand-over to picows, which uses picows internals.
+
+wsproxy/http.py constructs ``picows.picows.WSProtocol`` positionally, the way
+``picows/api.py`` does in ``ws_create_server``. If a picows upgrade changes that, these
+tests fail loudly here rather than as mysterious handshake failures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import re
+from importlib import metadata
+
+import picows.api
+import websockets
+
+PINNED = "2.3.1"
+
+
+def test_picows_is_the_pinned_version():
+    assert metadata.version("picows") == PINNED, (
+        "wsproxy/http.py hands connections to picows' internal WSProtocol; re-check its "
+        "constructor against picows/api.py before moving the pin")
+
+
+def test_pyproject_pins_picows_exactly():
+    from pathlib import Path
+    text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    assert text.count(f'"picows=={PINNED}"') == 2  # runtime and build-time
+
+
+def test_wsprotocol_constructor_matches_what_http_py_passes():
+    source = inspect.getsource(picows.api.ws_create_server)
+    call = re.search(r"return WSProtocol\((.*?)\n\s*\)", source, re.S)
+    assert call is not None, "picows.api.ws_create_server no longer builds a WSProtocol"
+    arguments = [a.split("#")[0].strip() for a in call.group(1).split("\n")]
+    arguments = [a.rstrip(",") for a in arguments if a]
+    flat = [x.strip() for a in arguments for x in a.split(",") if x.strip()]
+    assert flat == [
+        "None", "None", "False", "ws_listener_factory",
+        '_resolve_logger(logger_name', '"server")',
+        "disconnect_on_exception", "websocket_handshake_timeout",
+        "enable_auto_ping", "auto_ping_idle_timeout", "auto_ping_reply_timeout",
+        "auto_ping_strategy", "enable_auto_pong", "max_frame_size", "None",
+        "read_buffer_init_size",
+    ]
+
+
+def test_frames_sent_with_the_request_are_not_lost(proxy, redis_server, session_id):
+    """Bytes that arrive with the request head are replayed into picows, not dropped,
+    and reading resumes after the hand-over (pitfalls 1 and 3 of the hand-over notes)."""
+    import socket
+
+    from .rawws import RawWebSocket
+
+    redis_server.client().set(f"session:{session_id}:auth", "tok")
+    up = redis_server.client().pubsub()
+    up.subscribe(f"session:{session_id}:up")
+    up.get_message(timeout=5)
+    raw = RawWebSocket.__new__(RawWebSocket)
+    raw.sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+    raw.buffer = b""
+    # Request head and a first text frame in the same write.
+    head = (f"GET /agent1/ws/{session_id} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\nAuthorization: Bearer tok\r\n\r\n").encode()
+    frame = bytes([0x81, 0x80 | 9]) + b"\0\0\0\0" + b'{"pre":1}'
+    raw.sock.sendall(head + frame)
+    while b"\r\n\r\n" not in raw.buffer:
+        raw.buffer += raw.sock.recv(4096)
+    assert raw.buffer.startswith(b"HTTP/1.1 101 ")
+    raw.buffer = raw.buffer.partition(b"\r\n\r\n")[2]
+    raw.send_frame(0x1, b'{"post":2}')  # read after the hand-over: reading was resumed
+    got = []
+    for _ in range(40):
+        m = up.get_message(timeout=0.25)
+        if m and m["type"] == "message":
+            got.append(m["data"])
+        if len(got) == 2:
+            break
+    raw.close()
+    assert got == [b'{"pre":1}', b'{"post":2}']
+
+
+def test_websockets_client_completes_close_handshake(proxy, redis_server, session_id):
+    redis_server.client().set(f"session:{session_id}:auth", "tok")
+
+    async def main():
+        ws = await websockets.connect(f"{proxy.ws_url}/a/ws/{session_id}",
+                                      additional_headers={"Authorization": "Bearer tok"})
+        await ws.close()
+        return ws.protocol.close_rcvd.code
+
+    assert asyncio.run(main()) == 1000
