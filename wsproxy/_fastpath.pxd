@@ -4,20 +4,28 @@
 from picows.picows cimport WSListener, WSTransport, WSFrame, WSMsgType
 
 
+cdef enum:
+    C_MESSAGES_DOWN = 0
+    C_BYTES_DOWN = 1
+    C_MESSAGES_UP = 2
+    C_BYTES_UP = 3
+    C_ERRORS_INVALID_JSON = 4
+    C_ERRORS_TOO_LARGE = 5
+    C_ERRORS_BINARY = 6
+    C_ERRORS_UPSTREAM_UNAVAILABLE = 7
+    C_ERRORS_PROTOCOL = 8
+    C_BACKPRESSURE_DISCONNECTS = 9
+    C_PING_TIMEOUTS = 10
+    N_COUNTERS = 11
+
+
 cdef class Stats:
-    # Counters kept as C integers so the hot path pays one add each;
-    # metrics.py reads them on scrape.
-    cdef public long long messages_down
-    cdef public long long bytes_down
-    cdef public long long messages_up
-    cdef public long long bytes_up
-    cdef public long long errors_invalid_json
-    cdef public long long errors_too_large
-    cdef public long long errors_binary
-    cdef public long long errors_upstream_unavailable
-    cdef public long long errors_protocol
-    cdef public long long backpressure_disconnects
-    cdef public long long ping_timeouts
+    # Counters as C integers, so the hot path pays one add each. ``c`` points at
+    # this process' own array, or at its slot in the workers' shared memory
+    # (metrics.py), where any worker can read every worker's counters on scrape.
+    cdef long long* c
+    cdef long long own[N_COUNTERS]
+    cdef object keep
 
 
 cdef class RedisProtocol:

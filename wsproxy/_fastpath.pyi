@@ -6,6 +6,8 @@ from typing import Any
 
 import picows
 
+COUNTER_NAMES: tuple[str, ...]
+
 def validate_json(data: bytes) -> bool: ...
 def utf8_valid(data: bytes) -> bool: ...
 def configure(max_message: int, max_buffer: int) -> None: ...
@@ -30,6 +32,7 @@ class Stats:
     errors_protocol: int
     backpressure_disconnects: int
     ping_timeouts: int
+    def bind(self, buffer: Any, offset: int) -> None: ...
     def snapshot(self) -> dict[str, int]: ...
 
 stats: Stats

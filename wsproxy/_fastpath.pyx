@@ -12,7 +12,7 @@ Nothing here awaits; everything that is not per message lives in plain Python.
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from libc.stdio cimport snprintf
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 
 from picows.picows cimport WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
@@ -45,24 +45,29 @@ def utf8_valid(const unsigned char[:] data not None) -> bool:
 # ---------------------------------------------------------------------------
 # Counters
 
+COUNTER_NAMES = ("messages_down", "bytes_down", "messages_up", "bytes_up", "errors_invalid_json", "errors_too_large", "errors_binary", "errors_upstream_unavailable", "errors_protocol", "backpressure_disconnects", "ping_timeouts", )
+
+
 cdef class Stats:
     """Hot-path counters as C integers; read by metrics.py on scrape."""
 
+    def __cinit__(self):
+        memset(self.own, 0, sizeof(self.own))
+        self.c = self.own
+        self.keep = None
+
+    def bind(self, buffer, Py_ssize_t offset) -> None:
+        """Keep the counters in ``buffer`` (writable, e.g. shared memory) from byte
+        ``offset`` on, continuing from the values already there."""
+        cdef unsigned char[::1] view = buffer
+        if offset < 0 or offset + N_COUNTERS * sizeof(long long) > view.shape[0]:
+            raise ValueError("counter slot outside the buffer")
+        self.keep = view
+        self.c = <long long*>&view[offset]
+
     def snapshot(self) -> dict:
         """The counters as a dict of name -> int."""
-        return {
-            "messages_down": self.messages_down,
-            "bytes_down": self.bytes_down,
-            "messages_up": self.messages_up,
-            "bytes_up": self.bytes_up,
-            "errors_invalid_json": self.errors_invalid_json,
-            "errors_too_large": self.errors_too_large,
-            "errors_binary": self.errors_binary,
-            "errors_upstream_unavailable": self.errors_upstream_unavailable,
-            "errors_protocol": self.errors_protocol,
-            "backpressure_disconnects": self.backpressure_disconnects,
-            "ping_timeouts": self.ping_timeouts,
-        }
+        return {name: self.c[i] for i, name in enumerate(COUNTER_NAMES)}
 
 
 cdef Stats STATS = Stats()
@@ -288,7 +293,7 @@ cdef class CommandProtocol(RedisProtocol):
         if type(waiter) is SessionListener:
             if type(reply) is not int:  # a PUBLISH error reply
                 (<SessionListener>waiter)._send_error(ERR_UNAVAILABLE)
-                STATS.errors_upstream_unavailable += 1
+                STATS.c[C_ERRORS_UPSTREAM_UNAVAILABLE] += 1
             return 0
         if not waiter.done():
             waiter.set_result(reply)
@@ -302,7 +307,7 @@ cdef class CommandProtocol(RedisProtocol):
                 continue
             if type(waiter) is SessionListener:
                 (<SessionListener>waiter)._send_error(ERR_UNAVAILABLE)
-                STATS.errors_upstream_unavailable += 1
+                STATS.c[C_ERRORS_UPSTREAM_UNAVAILABLE] += 1
             elif not waiter.done():
                 waiter.set_exception(exc)
 
@@ -448,7 +453,7 @@ cdef class SessionListener(WSListener):
                 return
             if msg_type == WSMsgType.BINARY:
                 if frame.fin:
-                    STATS.errors_binary += 1
+                    STATS.c[C_ERRORS_BINARY] += 1
                     self._send_error(ERR_BINARY)
                 else:
                     self._start_fragmented(True, frame)
@@ -484,7 +489,7 @@ cdef class SessionListener(WSListener):
         # not reading. Stop sending at once; the close happens outside the write call.
         if not self.too_slow:
             self.too_slow = True
-            STATS.backpressure_disconnects += 1
+            STATS.c[C_BACKPRESSURE_DISCONNECTS] += 1
             self.events.too_slow(self)
 
     cpdef resume_writing(self):
@@ -493,18 +498,18 @@ cdef class SessionListener(WSListener):
     # upstream -----------------------------------------------------------------
     cdef int _on_message(self, const char* data, Py_ssize_t size) except -1:
         if size > g_max_message:
-            STATS.errors_too_large += 1
+            STATS.c[C_ERRORS_TOO_LARGE] += 1
             self._send_error(g_err_too_large)
             return 0
         if size == 0 or not wsp_json_valid(<const unsigned char*>data, <size_t>size):
-            STATS.errors_invalid_json += 1
+            STATS.c[C_ERRORS_INVALID_JSON] += 1
             self._send_error(ERR_INVALID_JSON)
             return 0
         if self.upstream.publish(self, self.up_prefix, data, size):
-            STATS.messages_up += 1
-            STATS.bytes_up += size
+            STATS.c[C_MESSAGES_UP] += 1
+            STATS.c[C_BYTES_UP] += size
         else:
-            STATS.errors_upstream_unavailable += 1
+            STATS.c[C_ERRORS_UPSTREAM_UNAVAILABLE] += 1
             self._send_error(ERR_UNAVAILABLE)
         return 0
 
@@ -523,10 +528,10 @@ cdef class SessionListener(WSListener):
         self.in_fragmented = False
         self.fragments = None
         if self.fragmented_binary:
-            STATS.errors_binary += 1
+            STATS.c[C_ERRORS_BINARY] += 1
             self._send_error(ERR_BINARY)
         elif self.fragmented_oversize:
-            STATS.errors_too_large += 1
+            STATS.c[C_ERRORS_TOO_LARGE] += 1
             self._send_error(g_err_too_large)
         else:
             self._on_message(PyByteArray_AS_STRING(message), PyByteArray_GET_SIZE(message))
@@ -552,8 +557,8 @@ cdef class SessionListener(WSListener):
         if self.too_slow or self.closing:
             return 0
         self.transport.send(msg_type, payload)
-        STATS.messages_down += 1
-        STATS.bytes_down += PyBytes_GET_SIZE(payload)
+        STATS.c[C_MESSAGES_DOWN] += 1
+        STATS.c[C_BYTES_DOWN] += PyBytes_GET_SIZE(payload)
         return 0
 
     # closing ------------------------------------------------------------------
@@ -567,7 +572,7 @@ cdef class SessionListener(WSListener):
         self.transport.disconnect()
 
     cdef _protocol_error(self, str reason):
-        STATS.errors_protocol += 1
+        STATS.c[C_ERRORS_PROTOCOL] += 1
         self.close(1002, reason)
 
     def close(self, int code, str reason, double abort_after=2.0):
@@ -623,7 +628,7 @@ def heartbeat_sweep(listeners, double now, double interval, double timeout) -> i
             continue
         idle = now - listener.last_activity
         if idle >= timeout:
-            STATS.ping_timeouts += 1
+            STATS.c[C_PING_TIMEOUTS] += 1
             listener.close(1011, "ping timeout")
             closed += 1
         elif idle >= interval and now - listener.last_ping >= interval:

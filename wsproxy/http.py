@@ -197,7 +197,7 @@ class Gate(asyncio.Protocol):
             pass  # the client went away; _handshake cleaned up after itself
         except Exception:  # noqa: BLE001 - the process must not die for one request
             logging.getLogger("wsproxy").exception("request handling failed")
-            self.server.metrics.errors["internal"] += 1
+            self.server.metrics.count_error("internal")
             self._finish(500, error_body("internal error"))
 
     async def _route(self, head_end: int) -> None:

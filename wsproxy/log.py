@@ -87,7 +87,17 @@ def configure(level: str, fmt: str) -> None:
     logging.getLogger("picows").setLevel(logging.WARNING)
 
 
+_context: dict[str, Any] = {}
+
+
+def set_context(**fields: Any) -> None:
+    """Fields added to every event of this process (a worker's index)."""
+    _context.update(fields)
+
+
 def log_event(level: int, event: str, **fields: Any) -> None:
     """Log ``event`` with ``fields`` (never a token) if ``level`` is enabled."""
     if logger.isEnabledFor(level):
+        if _context:
+            fields = {**_context, **fields}
         logger.log(level, event, extra={"event": event, "fields": fields})

@@ -20,7 +20,7 @@ from . import _fastpath
 from .config import Config
 from .http import Gate
 from .log import log_event
-from .metrics import Metrics
+from .metrics import Metrics, SharedSlots
 from .redis import CommandClient, PubSub
 from .session import ConnectionTable
 
@@ -45,9 +45,10 @@ def listening_socket(host: str, port: int, reuse_port: bool = False) -> socket.s
 class Server:
     """Everything one wsproxy process runs."""
 
-    def __init__(self, config: Config, sock: socket.socket | None = None) -> None:
+    def __init__(self, config: Config, sock: socket.socket | None = None,
+                 slots: SharedSlots | None = None, worker: int = 0) -> None:
         self.config = config
-        self.metrics = Metrics()
+        self.metrics = Metrics(slots, worker)
         self.command = CommandClient(config.redis)
         self.pubsub = PubSub(config.redis)
         self.connections = ConnectionTable(self.pubsub, self.metrics,
@@ -69,29 +70,44 @@ class Server:
         """Both Redis connections are up and answered their last health PING."""
         return self._redis_ok and self.command.ready.is_set() and self.pubsub.ready.is_set()
 
+    def _instance_state(self) -> tuple[bool, bool, int]:
+        """(Redis OK for every live worker, any worker draining, live workers).
+
+        With one process that is this process; with --workers, every worker publishes
+        its state in its metrics slot, so any of them can answer for the instance.
+        """
+        self.metrics.set_health(self.redis_ok, self.draining)
+        slots = self.metrics.slots
+        live = slots.live_workers()
+        ok = all(slots.get(w, "redis_ok") for w in live)
+        draining = any(slots.get(w, "draining") for w in live)
+        return ok, draining, len(live)
+
     def health(self) -> tuple[int, bytes]:
         """``/health``: 200 while Redis answers, else 503."""
-        ok = self.redis_ok
+        ok, draining, workers = self._instance_state()
         body = {
             "status": "healthy" if ok else "unhealthy",
             "redis": "up" if ok else "down",
-            "connections": len(self.connections.open),
-            "channels": len(self.pubsub.routes),
-            "draining": self.draining,
+            "connections": self.metrics.total("active_connections"),
+            "draining": draining,
+            "workers": workers,
         }
         return (200 if ok else 503), orjson.dumps(body)
 
     def readiness(self) -> tuple[int, bytes]:
         """``/ready``: 200 while accepting sockets; 503 while draining or Redis is down."""
-        if self.draining:
+        ok, draining, _ = self._instance_state()
+        if draining:
             return 503, orjson.dumps({"status": "draining"})
-        if not self.redis_ok:
+        if not ok:
             return 503, orjson.dumps({"status": "redis unavailable"})
         return 200, orjson.dumps({"status": "ready"})
 
     def _links_changed(self) -> None:
         # A link that just came up has answered AUTH/PING; one that went down is down.
         self._redis_ok = self.command.ready.is_set() and self.pubsub.ready.is_set()
+        self.metrics.set_health(self.redis_ok, self.draining)
 
     async def _health_loop(self) -> None:
         """PING both connections; one that stops answering is treated as lost."""
@@ -105,12 +121,15 @@ class Server:
                               timeout=timeout)
                     link.proto.abort()
             self._redis_ok = all(results)
+            self.metrics.set_health(self.redis_ok, self.draining)
+            self.metrics.refresh()
 
     # lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
         """Connect to Redis (in the background) and start listening."""
         _fastpath.configure(self.config.max_message_size_bytes,
                             self.config.max_buffer_size_bytes)
+        self.metrics.bind_fast_counters()
         self.command.on_state_change = self._links_changed
         self.pubsub.on_state_change = self._links_changed
         self.command.start()
@@ -148,6 +167,7 @@ class Server:
         self._signals += 1
         if self._signals == 1:
             self.draining = True
+            self.metrics.set_health(self.redis_ok, True)
             log_event(logging.INFO, "shutdown_started", signal=signal.Signals(signum).name,
                       grace_secs=self.config.shutdown_grace_period_secs,
                       connections=len(self.connections.open))
@@ -188,9 +208,10 @@ class Server:
 
 
 async def run_server(config: Config, sock: socket.socket | None = None,
+                     slots: SharedSlots | None = None, worker: int = 0,
                      started: Any = None) -> None:
     """Start a server, serve until signalled, stop. ``started(server)`` is called once up."""
-    server = Server(config, sock)
+    server = Server(config, sock, slots, worker)
     server.install_signal_handlers()
     await server.start()
     if started is not None:

@@ -120,7 +120,7 @@ class ReconnectingLink:
             self.ready.clear()
             self._lost.set()
             self.on_disconnected(proto, exc)
-            if was_ready:
+            if was_ready and not self._closed:
                 log_event(logging.WARNING, "redis_down", role=self.role,
                           redis=self.address.display, error=str(exc) if exc else "closed")
             self.on_state_change()
