@@ -548,8 +548,12 @@ async def run_load_test(num_workers: int, warmup: float, duration: float, interv
                         publishers: int = 2,
                         tick: float = MIN_TICK,
                         drain_timeout: float = DRAIN_TIMEOUT,
-                        progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                        progress: Callable[[str], None] | None = None,
+                        on_phase: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run one load test and return its figures (the keys written by --json).
+
+    ``on_phase("measure_start")`` and ``on_phase("measure_end")`` bracket the measured
+    window, so a caller can read the server's own CPU time over exactly that window.
 
     Raises LoadTestError when Redis cannot be used; a run where no worker connects still
     returns (connected == 0, every failure in connect_errors).
@@ -620,6 +624,8 @@ async def run_load_test(num_workers: int, warmup: float, duration: float, interv
                 await asyncio.sleep(warmup)
             say(f"Measuring: {C} workers x {nmsgs} messages, {C / interval:g} msg/s "
                 f"for {nmsgs * interval:g}s")
+            if on_phase is not None:
+                on_phase("measure_start")
             t_measure = time.perf_counter()
             cpu_measure = time.process_time()
             step_ns = interval * 1e9 / C
@@ -633,6 +639,8 @@ async def run_load_test(num_workers: int, warmup: float, duration: float, interv
             while stats.received < stats.sent and time.perf_counter() < deadline:
                 await asyncio.sleep(0.005)
         measure_wall = time.perf_counter() - t_measure
+        if C and on_phase is not None:
+            on_phase("measure_end")
         measure_cpu = time.process_time() - cpu_measure
 
         # Freeze the figures before tearing down.
