@@ -370,3 +370,42 @@ def test_shutdown_close_spread(make_proxy, redis_server, session_id):
     times = sorted(asyncio.run(main()))
     assert times[-1] - times[0] >= 0.6  # spread out, not all in the same instant
     assert p.proc.wait(10) == 0
+
+
+def test_resubscription_in_batches_survives_sockets_leaving(make_redis, make_proxy, session_id):
+    """More channels than one batch; sockets close while Redis comes back: every channel
+    still open ends up subscribed, every closed one does not."""
+    server = make_redis()
+    p = make_proxy(server.url)
+    sids = [f"{session_id}-{i}" for i in range(1100)]
+    set_tokens(server, sids)
+
+    async def main():
+        sem = asyncio.Semaphore(100)
+
+        async def open_one(sid):
+            async with sem:
+                return await connect(p, sid)
+
+        sockets = await asyncio.gather(*(open_one(sid) for sid in sids))
+        server.kill()
+        wait_for(lambda: p.get("/health")[0] == 503, 5, "/health 503")
+        server.start()
+        # Close every tenth socket while the proxy reconnects and re-subscribes.
+        leaving = list(range(0, len(sockets), 10))
+        for i in leaving:
+            await sockets[i].close()
+            await asyncio.sleep(0.002)
+        loop = asyncio.get_running_loop()
+        staying = [sid for i, sid in enumerate(sids) if i % 10]
+        gone = [sids[i] for i in leaving]
+        await loop.run_in_executor(None, wait_for,
+                                   lambda: numsub_all(server, staying) == [1] * len(staying),
+                                   5, "every open channel re-subscribed")
+        left_over = numsub_all(server, gone)
+        for i, ws in enumerate(sockets):
+            if i % 10:
+                await ws.close()
+        return left_over
+
+    assert asyncio.run(main()) == [0] * 110

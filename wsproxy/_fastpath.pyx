@@ -326,7 +326,7 @@ cdef class Upstream:
         cdef int head_len
         if proto is None or not proto.connected:
             return False
-        if proto.write_paused and PyByteArray_GET_SIZE(proto.out) > self.max_pending_bytes:
+        if proto.write_paused and proto.pending_write_bytes > self.max_pending_bytes:
             return False  # Redis is not keeping up: refuse rather than grow without bound
         head_len = snprintf(head, sizeof(head), "$%zd\r\n", size)
         _append(proto.out, PyBytes_AS_STRING(prefix), PyBytes_GET_SIZE(prefix))
@@ -436,6 +436,10 @@ cdef class SessionListener(WSListener):
         pending = self.pending
         self.pending = None
         self.pending_bytes = 0
+        if self.too_slow:  # more arrived during the handshake than a socket may hold
+            self.events.connected(self)
+            self.events.too_slow(self)
+            return
         for payload in pending:
             if PyBytes_GET_SIZE(payload) and not wsp_utf8_valid(
                     <const unsigned char*>PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload)):
@@ -543,18 +547,19 @@ cdef class SessionListener(WSListener):
 
     # downstream ---------------------------------------------------------------
     cdef int send_down(self, WSMsgType msg_type, bytes payload) except -1:
+        if self.too_slow or self.closing:
+            return 0
         if self.transport is None:
             if self.pending is not None:
                 # Still in the handshake: keep it for on_ws_connected, within the
                 # same bound a slow socket gets.
                 self.pending_bytes += PyBytes_GET_SIZE(payload)
                 if self.pending_bytes > g_max_buffer:
-                    self.pending = None
+                    self.pending = []
                     self.too_slow = True
+                    STATS.c[C_BACKPRESSURE_DISCONNECTS] += 1
                 else:
                     self.pending.append(payload)
-            return 0
-        if self.too_slow or self.closing:
             return 0
         self.transport.send(msg_type, payload)
         STATS.c[C_MESSAGES_DOWN] += 1

@@ -61,13 +61,17 @@ class PubSub(ReconnectingLink):
             batch = [c for c in channels[i:i + RESUBSCRIBE_BATCH] if c in self.routes]
             if not batch:
                 continue
-            routes = [self.routes[c] for c in batch]
-            for route in routes:
-                self._expected.append(("subscribe", route))
+            for channel in batch:
+                self._expected.append(("subscribe", self.routes[channel]))
             proto.send(encode_command("SUBSCRIBE", *batch))
+            # Redis answers in order: the PING's reply means the batch is acknowledged.
+            # (A route's own future may be cancelled meanwhile by its last socket leaving.)
+            done = asyncio.get_running_loop().create_future()
+            self._expected.append(("reply", done))
+            proto.send(encode_command("PING"))
             try:
-                await asyncio.shield(routes[-1].ready)
-            except (RedisUnavailable, asyncio.CancelledError):
+                await done
+            except RedisUnavailable:
                 return
         log_event(logging.INFO, "redis_resubscribed", channels=len(channels),
                   seconds=round(asyncio.get_running_loop().time() - started, 3))
@@ -146,7 +150,9 @@ class PubSub(ReconnectingLink):
         if not route.ready.done():
             route.ready.cancel()
         proto = self.proto
-        if proto is not None and self.ready.is_set():
+        # Also while the link is still setting up (not ready yet): a re-subscription
+        # batch holding this channel may already be on its way.
+        if proto is not None and proto.connected:
             self._expected.append(("unsubscribe", None))
             proto.send(encode_command("UNSUBSCRIBE", channel))
 

@@ -1,0 +1,88 @@
+"""wsproxy.redis.pubsub in-process against a real redis-server: reference counting,
+re-subscription after a reconnect, and its batches."""
+
+from __future__ import annotations
+
+import asyncio
+
+import uvloop
+
+from wsproxy._fastpath import SessionListener, Upstream
+from wsproxy.config import parse_redis_url
+from wsproxy.redis import PubSub
+from wsproxy.redis.pubsub import RESUBSCRIBE_BATCH
+
+
+class _Events:
+    def connected(self, listener):
+        pass
+
+    def disconnected(self, listener):
+        pass
+
+    def too_slow(self, listener):
+        pass
+
+
+def listener(sid: str) -> SessionListener:
+    return SessionListener(Upstream(), f"session:{sid}:up".encode(), 1, sid, "a", _Events())
+
+
+async def started(url: str) -> PubSub:
+    pubsub = PubSub(parse_redis_url(url))
+    pubsub.start()
+    await asyncio.wait_for(pubsub.ready.wait(), 5)
+    return pubsub
+
+
+def test_refcount_subscribes_once_and_unsubscribes_last(redis_server, session_id):
+    r = redis_server.client()
+    channel = f"session:{session_id}:down".encode()
+
+    async def main():
+        pubsub = await started(redis_server.url)
+        a, b = listener(session_id), listener(session_id)
+        await pubsub.wait_subscribed(pubsub.attach(channel, a))
+        await pubsub.wait_subscribed(pubsub.attach(channel, b))
+        counts = [r.pubsub_numsub(channel)[0][1]]
+        pubsub.detach(channel, a)
+        await asyncio.sleep(0.1)
+        counts.append(r.pubsub_numsub(channel)[0][1])
+        pubsub.detach(channel, b)
+        await asyncio.sleep(0.1)
+        counts.append(r.pubsub_numsub(channel)[0][1])
+        pubsub.detach(channel, b)  # twice: harmless
+        await pubsub.close()
+        return counts
+
+    assert uvloop.run(main()) == [1, 1, 0]
+
+
+def test_every_channel_resubscribed_after_reconnect(redis_server, session_id):
+    """More channels than one batch; the last route of the first batch leaves while that
+    batch is in flight: the later batches are still sent."""
+    r = redis_server.client()
+    n = RESUBSCRIBE_BATCH * 2 + 10
+    channels = [f"session:{session_id}-{i}:down".encode() for i in range(n)]
+
+    async def main():
+        pubsub = await started(redis_server.url)
+        for ch in channels:
+            pubsub.attach(ch, listener("x"))
+        pubsub._resubscribe_task = None
+        pubsub.proto.abort()
+        while pubsub._resubscribe_task is None:
+            await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        leaving = channels[RESUBSCRIBE_BATCH - 1]
+        pubsub.detach(leaving, pubsub.routes[leaving].listeners[0])
+        await asyncio.wait_for(pubsub._resubscribe_task, 5)
+        await asyncio.sleep(0.1)
+        loop = asyncio.get_running_loop()
+        counts = await loop.run_in_executor(None, lambda: dict(r.pubsub_numsub(*channels)))
+        await pubsub.close()
+        return leaving, counts
+
+    leaving, counts = uvloop.run(main())
+    assert counts[leaving] == 0
+    assert [ch for ch in channels if ch != leaving and counts[ch] != 1] == []
