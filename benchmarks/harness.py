@@ -184,7 +184,7 @@ class Measurement:
     server_cpu_secs: float
     window_secs: float
     rss_before: int = 0
-    rss_after: int = 0
+    rss_open: int = 0  # with every socket of the run open
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -210,6 +210,11 @@ class Measurement:
             "server_cpu_us_per_msg": round(self.cpu_us_per_message, 2),
             "loadgen_cpu_percent": self.result["cpu_percent"],
             "connect_secs": self.result["connect_secs"],
+            "handshakes_per_sec": round(self.result["connected"] / self.result["connect_secs"], 1)
+            if self.result["connect_secs"] else None,
+            "rss_per_socket_bytes": round((self.rss_open - self.rss_before)
+                                          / self.result["connected"])
+            if self.result["connected"] else None,
             **self.extra,
         }
 
@@ -221,28 +226,38 @@ def pin_self() -> None:
 
 def measure(server: str, redis: Started, workers: int, warmup: float, duration: float,
             interval: float, payload_size: int = 128, env: dict[str, str] | None = None,
-            pin: bool = True) -> Measurement:
+            pin: bool = True, direction: str = "down",
+            keep_samples: bool = False) -> Measurement:
     """Start ``server`` fresh, drive one load_test run at it, stop it."""
     load_test = load_test_module()
     redis_url = f"redis://127.0.0.1:{redis.port}"
     started = start_server(server, redis_url, env, pin=pin)
     marks: dict[str, tuple[float, float]] = {}
 
+    rss_open = 0
+
     def on_phase(phase: str) -> None:
+        nonlocal rss_open
         pids = server_pids(started)
         marks[phase] = (time.perf_counter(), sum(cpu_seconds(p) for p in pids))
+        if phase == "measure_start":  # every socket is open now
+            rss_open = sum(rss_bytes(p) for p in pids)
 
     try:
         rss_before = sum(rss_bytes(p) for p in server_pids(started))
         import uvloop
         result = uvloop.run(load_test.run_load_test(
             workers, warmup, duration, interval, "127.0.0.1", started.port,
-            redis_url=redis_url, payload_size=payload_size, on_phase=on_phase))
-        rss_after = sum(rss_bytes(p) for p in server_pids(started))
+            redis_url=redis_url, payload_size=payload_size, on_phase=on_phase,
+            direction=direction, keep_samples=keep_samples))
     finally:
         started.stop()
     (t0, c0), (t1, c1) = marks["measure_start"], marks["measure_end"]
-    return Measurement(server, result, c1 - c0, t1 - t0, rss_before, rss_after)
+    connect_cpu = marks["connect_end"][1] - marks["connect_start"][1]
+    extra = {"direction": direction,
+             "server_cpu_us_per_handshake": round(1e6 * connect_cpu / result["connected"], 1)
+             if result["connected"] else None}
+    return Measurement(server, result, c1 - c0, t1 - t0, rss_before, rss_open, extra)
 
 
 def median_of(runs: list[Measurement], key: str) -> float:
@@ -259,6 +274,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10)
     parser.add_argument("--warmup", type=float, default=2)
     parser.add_argument("--payload", type=int, default=128)
+    parser.add_argument("--direction", choices=("down", "up"), default="down")
     parser.add_argument("--json", help="write every run's summary here")
     args = parser.parse_args()
     pin_self()
@@ -269,18 +285,17 @@ def main() -> None:
         for round_ in range(args.rounds):
             for server in servers:  # A B A B: drift hits every server alike
                 m = measure(server, redis, args.workers, args.warmup, args.duration,
-                            args.interval, args.payload)
+                            args.interval, args.payload, direction=args.direction)
                 runs[server].append(m)
                 print(f"round {round_ + 1} {json.dumps(m.summary())}", flush=True)
     finally:
         redis.stop()
     keys = ("server_cpu_percent", "server_cpu_us_per_msg", "p50_ms", "p99_ms", "p999_ms",
-            "lost")
-    print("\nmedians of", args.rounds, "rounds:", f"{args.workers} sockets,",
+            "lost", "handshakes_per_sec", "server_cpu_us_per_handshake", "rss_per_socket_bytes")
+    print("\nmedians of", args.rounds, "rounds:", args.direction, f"{args.workers} sockets,",
           f"{args.workers / args.interval:g} msg/s, {args.payload}-byte payloads")
-    print(f"{'server':<16}" + "".join(f"{k:>24}" for k in keys))
     for server in servers:
-        print(f"{server:<16}" + "".join(f"{median_of(runs[server], k):>24.3f}" for k in keys))
+        print(server + ": " + ", ".join(f"{k}={median_of(runs[server], k):.3f}" for k in keys))
     if args.json:
         Path(args.json).write_text(json.dumps(
             {s: [m.summary() for m in ms] for s, ms in runs.items()}, indent=1))

@@ -2,26 +2,35 @@
 """Measure wsproxy's end-to-end latency and delivery with many WebSocket clients.
 
     python examples/load_test.py <num_workers> <warmup_secs> <test_duration_secs> \\
-        <message_interval_secs> <ws_host> <ws_port> [--json FILE]
+        <message_interval_secs> <ws_host> <ws_port> [--json FILE] [--direction {down,up}]
 
 Each worker stores its own token in `session:{sid}:auth` (a session id unique to the
 worker and to the run), connects to ws://{ws_host}:{ws_port}/{agent_id}/ws/{sid} with
-`Authorization: Bearer <token>`, and then waits out the warm-up. During the test a
-publisher sends every worker one message per interval through Redis
-(`PUBLISH session:{sid}:down`), the workers' messages spread evenly over the interval.
-Each message is ~128 bytes of JSON: `{"w":<worker>,"s":<seq>,"t":<ns timestamp>,"p":"..."}`.
-Latency is measured from the timestamp (taken just before PUBLISH) to the arrival of the
-frame, with one clock (publisher and sockets live in this process). The sequence numbers
-give lost, duplicated and out-of-order counts. After the last message a drain period
-(up to 2 s, or until everything arrived) precedes the count.
+`Authorization: Bearer <token>`, and then waits out the warm-up. Each message is ~128 bytes
+of JSON: `{"w":<worker>,"s":<seq>,"t":<ns timestamp>,"p":"..."}`, one per worker per
+interval, the workers' messages spread evenly over the interval.
+
+- `--direction down` (default): a publisher sends every worker its messages through Redis
+  (`PUBLISH session:{sid}:down`); latency runs from the timestamp (taken just before
+  PUBLISH) to the arrival of the frame at the worker's socket.
+- `--direction up`: every worker's socket sends its own messages as text frames (one
+  scheduler loop calls each socket's send at its slot); wsproxy PUBLISHes them to
+  `session:{sid}:up`, where one Redis connection of this program, subscribed to every
+  worker's channel before the measurement starts, receives them. Latency runs from the
+  timestamp (taken just before the frame is sent) to the arrival of the message from Redis.
+
+Either way one clock measures both ends (everything lives in this process). The sequence
+numbers give lost, duplicated and out-of-order counts per worker. After the last message a
+drain period (up to 2 s, or until everything arrived) precedes the count.
 
 Prints the seed's result block, then delivery figures and this program's own CPU use
 (so you can check that the load generator is not the bottleneck). `--json FILE` also
 writes every figure for machines.
 
 Built to drive thousands of sockets from one core: picows WebSocket clients, uvloop,
-PUBLISH pipelined over a few Redis connections in batches per tick, connections opened
-200 at a time, RLIMIT_NOFILE raised to its hard limit.
+PUBLISH pipelined over a few Redis connections in batches per tick (down), hiredis parsing
+of one subscriber connection (up), connections opened 200 at a time, RLIMIT_NOFILE raised
+to its hard limit.
 
 For benchmarks, import this file and call `run_load_test(...)` (returns the figures as a
 dict, same keys as the JSON) and `format_results(dict)` (the printed text).
@@ -64,6 +73,11 @@ try:
 except ImportError:
     from json import loads as _loads  # type: ignore[assignment]
 
+try:
+    from hiredis import Reader as _HiredisReader
+except ImportError:  # only --direction up needs it
+    _HiredisReader = None  # type: ignore[assignment,misc]
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
 CONNECT_CONCURRENCY = 200      # handshakes in flight at once
 CONNECT_TIMEOUT = 15.0         # TCP connect + HTTP upgrade, per worker
@@ -71,6 +85,9 @@ DRAIN_TIMEOUT = 2.0            # max wait for stragglers after the last PUBLISH
 MAX_BATCH = 5000               # PUBLISHes per tick at most (then the schedule lags)
 MIN_TICK = 0.001               # publisher sleeps at least this long (timer resolution)
 REDIS_CHUNK = 1000             # commands per pipeline in set-up and clean-up
+SUBSCRIBE_BATCH = 1000         # channels per SUBSCRIBE command (direction up)
+SUBSCRIBE_TIMEOUT = 10.0       # for every subscription to be confirmed
+DIRECTIONS = ("down", "up")
 
 _TEXT = WSMsgType.TEXT
 _BINARY = WSMsgType.BINARY
@@ -139,14 +156,22 @@ def format_results(d: dict[str, Any]) -> str:
         f"  Duplicated:     {d['duplicated']}",
         f"  Out of order:   {d['out_of_order']}",
         "",
+        f"Direction: {d.get('direction', 'down')}",
         f"P99.9: {fd(lat.get('p999'))}",
         f"Workers: {d['connected']} of {d['workers']} connected in {d['connect_secs']:.2f}s; "
         f"{d['messages_per_worker']} messages each, "
         f"{d['rate_msgs_per_sec']:g} msg/s target, {d['achieved_rate_msgs_per_sec']:.0f} msg/s "
         f"sent, {d['payload_size']}-byte payloads",
-        f"Publisher: {d['publishers']} Redis connection(s), max lag behind schedule "
-        f"{d['publish_max_lag_ms']:.1f}ms",
     ]
+    if d.get("direction", "down") == "up":
+        lines.append(
+            f"Senders: the {d['connected']} sockets, one scheduler, max lag behind schedule "
+            f"{d['publish_max_lag_ms']:.1f}ms; subscriber: {d['subscribers']} Redis "
+            f"connection, {d['subscribed_channels']} channel(s)")
+    else:
+        lines.append(
+            f"Publisher: {d['publishers']} Redis connection(s), max lag behind schedule "
+            f"{d['publish_max_lag_ms']:.1f}ms")
     if d.get("publish_no_receivers"):
         lines.append(f"PUBLISH reached no subscriber: {d['publish_no_receivers']} time(s)")
     if d["errors"]:
@@ -191,14 +216,19 @@ class _Stats:
 
 
 class _Worker(WSListener):
-    """One simulated browser: checks sequence numbers and records latencies."""
+    """One simulated browser and its message stream: checks sequence numbers and records
+    latencies, of the frames it receives (down) or of its own messages as they come out of
+    Redis (up: `record` is called by the subscriber)."""
 
-    def __init__(self, wid: int, sid: str, token: str, stats: _Stats, nmsgs: int) -> None:
+    def __init__(self, wid: int, sid: str, token: str, stats: _Stats, nmsgs: int,
+                 up: bool = False) -> None:
         super().__init__()
         self.wid = wid
         self.sid = sid
         self.token = token
+        self.up = up
         self.channel = f"session:{sid}:down".encode()
+        self.up_channel = f"session:{sid}:up".encode()
         self.stats = stats
         self.seen = bytearray(nmsgs)
         self.highest = -1
@@ -236,6 +266,14 @@ class _Worker(WSListener):
                 self.stats.bad_messages += 1
                 self.stats.sample(f"worker {self.wid}: unexpected binary frame")
             return  # PONG etc.
+        if self.up:   # wsproxy only speaks upstream to report an error, e.g. Upstream unavailable
+            self.stats.bad_messages += 1
+            self.stats.sample(f"worker {self.wid}: frame from wsproxy {data[:120]!r}")
+            return
+        self.record(data, now)
+
+    def record(self, data: bytes, now: int) -> None:
+        """One message of this worker's stream arrived at `now` (perf_counter_ns)."""
         st = self.stats
         try:
             msg = _loads(data)
@@ -471,11 +509,120 @@ def _resp(args) -> bytes:
     return b"".join(out)
 
 
+class _SubscribeConn(asyncio.Protocol):
+    """One Redis connection SUBSCRIBEd to every worker's `session:{sid}:up` (direction up).
+
+    hiredis parses the replies; each message goes to its channel's worker (one dict look-up)
+    with the arrival time of the read that brought it, so a whole read costs one clock call.
+    """
+
+    def __init__(self, stats: _Stats) -> None:
+        self.stats = stats
+        self.reader = _HiredisReader()
+        self.transport: asyncio.Transport | None = None
+        self.by_channel: dict[bytes, _Worker] = {}
+        self.pending: deque[asyncio.Future] = deque()   # replies to command() (AUTH)
+        self.unconfirmed = 0
+        self.confirmed: asyncio.Future | None = None
+        self.lost: BaseException | str | None = None
+        self.closed = False
+
+    # -- asyncio.Protocol
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        now = _now_ns()
+        reader = self.reader
+        reader.feed(data)
+        gets = reader.gets
+        by_channel = self.by_channel
+        while True:
+            reply = gets()
+            if reply is False:
+                return
+            if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
+                w = by_channel.get(reply[1])
+                if w is not None:
+                    w.record(reply[2], now)
+                    continue
+            self._other(reply)
+
+    def _other(self, reply: Any) -> None:
+        st = self.stats
+        if type(reply) is list and reply and reply[0] == b"subscribe":
+            self.unconfirmed -= 1
+            if self.unconfirmed == 0 and self.confirmed is not None \
+                    and not self.confirmed.done():
+                self.confirmed.set_result(None)
+        elif self.pending:
+            fut = self.pending.popleft()
+            if not fut.done():
+                fut.set_result(b"+" + reply if isinstance(reply, bytes)
+                               else b"-" + str(reply).encode())
+        elif isinstance(reply, Exception):
+            st.sample(f"SUBSCRIBE failed: {reply}")
+            if self.confirmed is not None and not self.confirmed.done():
+                self.confirmed.set_exception(ConnectionError(f"SUBSCRIBE failed: {reply}"))
+        else:
+            st.bad_messages += 1
+            st.sample(f"subscriber: unexpected reply {str(reply)[:120]}")
+
+    def connection_lost(self, exc) -> None:
+        self.lost = exc or "connection closed by Redis"
+        err = ConnectionError(str(self.lost))
+        while self.pending:
+            fut = self.pending.popleft()
+            if not fut.done():
+                fut.set_exception(err)
+        if self.confirmed is not None and not self.confirmed.done():
+            self.confirmed.set_exception(err)
+        elif self.by_channel and not self.closed:
+            self.stats.disconnects += 1
+            self.stats.sample(f"Redis subscriber connection lost: {self.lost}")
+
+    # -- API
+    async def command(self, *args: bytes | str) -> bytes:
+        """One command, waited for (hand-shake only); the reply as `+...` or `-error`."""
+        if self.lost is not None or self.transport is None:
+            raise ConnectionError(str(self.lost))
+        fut = asyncio.get_running_loop().create_future()
+        self.pending.append(fut)
+        self.transport.write(_resp(args))
+        return await fut
+
+    async def subscribe(self, workers: list[_Worker], timeout: float) -> None:
+        """SUBSCRIBE every worker's :up channel, SUBSCRIBE_BATCH channels a command, one
+        write; returns when Redis has confirmed every one of them."""
+        if self.lost is not None or self.transport is None:
+            raise ConnectionError(str(self.lost))
+        channels = [w.up_channel for w in workers]
+        self.by_channel.update(zip(channels, workers, strict=True))
+        self.unconfirmed += len(channels)
+        self.confirmed = asyncio.get_running_loop().create_future()
+        self.transport.write(b"".join(
+            _resp((b"SUBSCRIBE", *channels[i:i + SUBSCRIBE_BATCH]))
+            for i in range(0, len(channels), SUBSCRIBE_BATCH)))
+        try:
+            await asyncio.wait_for(self.confirmed, timeout)
+        except TimeoutError:
+            raise TimeoutError(f"{self.unconfirmed} of {len(channels)} subscriptions "
+                               f"unconfirmed after {timeout:g}s") from None
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
 async def _open_publish_conn(redis_url: str, stats: _Stats) -> _PublishConn:
+    return await _open_redis_conn(redis_url, lambda: _PublishConn(stats))
+
+
+async def _open_redis_conn(redis_url: str, factory: Callable[[], Any]) -> Any:
     """Connect as REDIS_URL says (TCP, TLS with rediss://, unix://; AUTH when given)."""
     kw = parse_redis_url(redis_url)
     loop = asyncio.get_running_loop()
-    factory = lambda: _PublishConn(stats)  # noqa: E731
     cls_name = getattr(kw.get("connection_class"), "__name__", "")
     if "path" in kw:
         _, conn = await asyncio.wait_for(loop.create_unix_connection(factory, kw["path"]), 5)
@@ -540,6 +687,49 @@ async def _publish_loop(conns: list[_PublishConn], connected: list[_Worker], nms
         await asyncio.sleep(max((t0 + m * step_ns - now) / 1e9, tick))
 
 
+async def _send_loop(connected: list[_Worker], nmsgs: int, t0: int, step_ns: float,
+                     payload_size: int, tick: float, st: _Stats) -> None:
+    """Direction up: the same schedule as _publish_loop (message g = s*C + j, due at
+    t0 + g*step), but each message is a text frame sent by worker j's own socket. One loop
+    for all sockets; per message: the clock, the payload (two bytes objects) and the send.
+    A socket that is gone is not sent to: those messages count as send errors.
+    """
+    C = len(connected)
+    total = C * nmsgs
+    wids = [w.wid for w in connected]
+    sends = [w.transport.send for w in connected]
+    # Payload tail by header length, so each message is built from one %-format and one +.
+    tails = [_PAD[:max(0, payload_size - n - 2)] + b'"}' for n in range(128)]
+    text = _TEXT
+    now_ns = _now_ns
+    m = s = j = 0
+    while m < total:
+        now = now_ns()
+        due_end = min(total, int((now - t0) // step_ns) + 1, m + MAX_BATCH)
+        if due_end > m:
+            lag = now - (t0 + m * step_ns)
+            if lag > st.max_lag_ns:
+                st.max_lag_ns = int(lag)
+            sent = 0
+            for _ in range(m, due_end):
+                if connected[j].closing:
+                    st.publish_errors += 1
+                else:
+                    head = b'{"w":%d,"s":%d,"t":%d,"p":"' % (wids[j], s, now_ns())
+                    sends[j](text, head + tails[len(head)])
+                    sent += 1
+                j += 1
+                if j == C:
+                    j = 0
+                    s += 1
+            st.sent += sent
+            m = due_end
+            if m >= total:
+                break
+            now = now_ns()
+        await asyncio.sleep(max((t0 + m * step_ns - now) / 1e9, tick))
+
+
 async def run_load_test(num_workers: int, warmup: float, duration: float, interval: float,
                         host: str, port: int, *,
                         redis_url: str | None = None,
@@ -549,17 +739,29 @@ async def run_load_test(num_workers: int, warmup: float, duration: float, interv
                         tick: float = MIN_TICK,
                         drain_timeout: float = DRAIN_TIMEOUT,
                         progress: Callable[[str], None] | None = None,
-                        on_phase: Callable[[str], None] | None = None) -> dict[str, Any]:
+                        on_phase: Callable[[str], None] | None = None,
+                        direction: str = "down",
+                        keep_samples: bool = False) -> dict[str, Any]:
     """Run one load test and return its figures (the keys written by --json).
 
+    ``direction="down"``: Redis PUBLISH -> socket; ``"up"``: socket -> wsproxy's PUBLISH on
+    ``session:{sid}:up`` -> this program's Redis subscriber (``publishers`` is then unused).
+
     ``on_phase("measure_start")`` and ``on_phase("measure_end")`` bracket the measured
-    window, so a caller can read the server's own CPU time over exactly that window.
+    window, ``"connect_start"``/``"connect_end"`` the connection phase, so a caller can
+    read the server's own CPU time over exactly those windows. ``keep_samples`` adds
+    every latency (ns, sorted) as ``latency_samples_ns``.
 
     Raises LoadTestError when Redis cannot be used; a run where no worker connects still
     returns (connected == 0, every failure in connect_errors).
     """
     if num_workers < 1 or warmup < 0 or duration <= 0 or interval <= 0 or payload_size < 0:
         raise ValueError("num_workers >= 1, warmup >= 0, duration > 0, interval > 0 required")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
+    up = direction == "up"
+    if up and _HiredisReader is None:
+        raise LoadTestError("--direction up needs hiredis (pip install hiredis)")
     say = progress or (lambda _msg: None)
     redis_url = redis_url or os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
     wall0, cpu0 = time.perf_counter(), time.process_time()
@@ -571,18 +773,19 @@ async def run_load_test(num_workers: int, warmup: float, duration: float, interv
     run_id = f"{os.getpid():x}{secrets.token_hex(3)}"
     stats = _Stats()
     workers = [
-        _Worker(i, f"lt-{run_id}-{i}", secrets.token_urlsafe(18), stats, nmsgs)
+        _Worker(i, f"lt-{run_id}-{i}", secrets.token_urlsafe(18), stats, nmsgs, up)
         for i in range(num_workers)
     ]
     netloc = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
     base = f"ws://{netloc}/{agent_id}/ws/"
-    n_pub = max(1, min(publishers, num_workers))
+    n_pub = 0 if up else max(1, min(publishers, num_workers))
     try:
         client = aioredis.Redis.from_url(redis_url, socket_connect_timeout=5)
     except ValueError as e:
         raise LoadTestError(f"invalid REDIS_URL {_safe_url(redis_url)!r}: {e}") from e
     connected: list[_Worker] = []
     conns: list[_PublishConn] = []
+    sub: _SubscribeConn | None = None
     failures: Counter = Counter()
     keys_set = False
     try:
@@ -604,17 +807,30 @@ async def run_load_test(num_workers: int, warmup: float, duration: float, interv
 
         say(f"Connecting {num_workers} workers to ws://{netloc}/{agent_id}/ws/... "
             f"({CONNECT_CONCURRENCY} at a time)")
+        if on_phase is not None:
+            on_phase("connect_start")
         t_conn = time.perf_counter()
         sem = asyncio.Semaphore(CONNECT_CONCURRENCY)
         ok = await asyncio.gather(*(_connect_worker(w, base + w.sid, sem, failures, stats)
                                     for w in workers))
         connect_secs = time.perf_counter() - t_conn
+        if on_phase is not None:
+            on_phase("connect_end")
         connected = [w for w, good in zip(workers, ok, strict=True) if good]
         say(f"Connected {len(connected)}/{num_workers} in {connect_secs:.2f}s"
             + (f"; failures: {dict(failures)}" if failures else ""))
 
         C = len(connected)
         sent_target = C * nmsgs
+        if up and C:
+            # Subscribed (every confirmation in) before the measurement starts.
+            say(f"Subscribing to {C} session:{{sid}}:up channels")
+            try:
+                sub = await _open_redis_conn(redis_url, lambda: _SubscribeConn(stats))
+                await sub.subscribe(connected, SUBSCRIBE_TIMEOUT)
+            except (TimeoutError, OSError) as e:
+                raise LoadTestError(f"cannot subscribe to the :up channels at "
+                                    f"{_safe_url(redis_url)}: {e}") from e
         t_measure = time.perf_counter()
         cpu_measure = time.process_time()
         publish_secs = 0.0
@@ -630,7 +846,11 @@ async def run_load_test(num_workers: int, warmup: float, duration: float, interv
             cpu_measure = time.process_time()
             step_ns = interval * 1e9 / C
             t0 = _now_ns() + 1_000_000
-            await _publish_loop(conns, connected, nmsgs, t0, step_ns, payload_size, tick, stats)
+            if up:
+                await _send_loop(connected, nmsgs, t0, step_ns, payload_size, tick, stats)
+            else:
+                await _publish_loop(conns, connected, nmsgs, t0, step_ns, payload_size, tick,
+                                    stats)
             publish_end = time.perf_counter()
             for c in conns:   # every PUBLISH answered (bounded)
                 await c.wait_acked(max(0.1, publish_end + 5 - time.perf_counter()))
@@ -663,6 +883,7 @@ async def run_load_test(num_workers: int, warmup: float, duration: float, interv
         received = stats.received
         sent = stats.sent
         result: dict[str, Any] = {
+            "direction": direction,
             "workers": num_workers,
             "connected": C,
             "warmup_secs": warmup,
@@ -673,6 +894,8 @@ async def run_load_test(num_workers: int, warmup: float, duration: float, interv
             "achieved_rate_msgs_per_sec": (sent / publish_secs) if publish_secs else 0.0,
             "payload_size": payload_size,
             "publishers": n_pub,
+            "subscribers": 1 if sub is not None else 0,
+            "subscribed_channels": len(sub.by_channel) if sub is not None else 0,
             "url": f"ws://{netloc}/{agent_id}/ws/{{session_id}}",
             "total_measurements": n,
             "errors": sum(errors_by_type.values()),
@@ -680,6 +903,7 @@ async def run_load_test(num_workers: int, warmup: float, duration: float, interv
             "connect_errors": dict(failures),
             "error_samples": list(stats.samples),
             "latency_ns": latency,
+            **({"latency_samples_ns": lat} if keep_samples else {}),
             "latency_ms": {k: (v / 1e6 if v is not None else None) for k, v in latency.items()},
             "sent_target": sent_target,
             "sent": sent,
@@ -699,6 +923,8 @@ async def run_load_test(num_workers: int, warmup: float, duration: float, interv
     finally:
         for c in conns:
             c.close()
+        if sub is not None:
+            sub.close()
         await _teardown(client, workers, connected, keys_set)
 
     result["total_wall_secs"] = time.perf_counter() - wall0
@@ -805,7 +1031,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="load_test.py",
         usage="%(prog)s <num_workers> <warmup_secs> <test_duration_secs> "
-              "<message_interval_secs> <ws_host> <ws_port> [--json FILE]",
+              "<message_interval_secs> <ws_host> <ws_port> [--json FILE] "
+              "[--direction {down,up}]",
         description="End-to-end latency and delivery test for wsproxy.",
         epilog="Example: load_test.py 50 3 10 1 127.0.0.1 4040. "
                "Environment: REDIS_URL (default redis://127.0.0.1:6379).")
@@ -813,7 +1040,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("warmup_secs", type=_seconds(True), help="wait after connecting")
     p.add_argument("test_duration_secs", type=_seconds(False), help="measurement period")
     p.add_argument("message_interval_secs", type=_seconds(False),
-                   help="each worker receives one message per interval")
+                   help="each worker receives (or, up, sends) one message per interval")
     p.add_argument("ws_host", type=_host, help="wsproxy host, e.g. 127.0.0.1")
     p.add_argument("ws_port", type=_port, help="wsproxy port, e.g. 4040")
     p.add_argument("--json", metavar="FILE", help="also write every figure to FILE as JSON")
@@ -821,7 +1048,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--payload-size", type=_size, default=128, metavar="BYTES",
                    help="approximate message size (default 128)")
     p.add_argument("--publishers", type=_positive_int, default=2, metavar="N",
-                   help="Redis connections the PUBLISHes are pipelined over (default 2)")
+                   help="Redis connections the PUBLISHes are pipelined over (default 2; "
+                        "down only)")
+    p.add_argument("--direction", choices=DIRECTIONS, default="down",
+                   help="down (default): Redis PUBLISH -> socket; up: socket -> wsproxy -> "
+                        "Redis subscriber")
     return p.parse_args(argv)
 
 
@@ -856,7 +1087,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.num_workers, args.warmup_secs, args.test_duration_secs,
                 args.message_interval_secs, args.ws_host, args.ws_port,
                 agent_id=args.agent_id, payload_size=args.payload_size,
-                publishers=args.publishers, progress=say)
+                publishers=args.publishers, progress=say, direction=args.direction)
         except asyncio.CancelledError:
             if not stopping:
                 raise

@@ -301,6 +301,7 @@ BAD_ARGS = [
     ("load_test.py", ["ten", "1", "1", "1", "127.0.0.1", "4040"]),
     ("load_test.py", ["10", "1", "0", "1", "127.0.0.1", "4040"]),
     ("load_test.py", ["10", "1", "1", "1", "127.0.0.1", "99999"]),
+    ("load_test.py", ["10", "1", "1", "1", "127.0.0.1", "4040", "--direction", "sideways"]),
 ]
 
 
@@ -349,11 +350,10 @@ def test_load_test_duration_format():
     assert fmt(61_000_000_001) == "61.000000001s"
 
 
-def test_load_test_block_and_json(redis_server, proxy, tmp_path):
-    out = tmp_path / "load.json"
-    r = run_example("load_test.py", "20", "1", "2", "0.2", "127.0.0.1", str(proxy.port),
-                    "--json", str(out), env=example_env(redis_server.url, proxy.ws_url),
-                    timeout=LOAD_TEST_TIMEOUT)
+def check_load_test_run(r: subprocess.CompletedProcess, out: Path, direction: str,
+                        redis_server) -> dict:
+    """20 workers x (2 s / 0.2 s) messages: the seed's block, every message delivered once
+    and in order, the JSON agreeing with the text; returns the JSON figures."""
     assert r.returncode == 0, (r.stdout, r.stderr)
     lines = r.stdout.splitlines()
     # The seed's block, line by line.
@@ -385,9 +385,11 @@ def test_load_test_block_and_json(redis_server, proxy, tmp_path):
     assert int(figure("Lost")) == 0
     assert int(figure("Duplicated")) == 0
     assert int(figure("Out of order")) == 0
+    assert f"Direction: {direction}" in lines[lines.index("  Out of order:   0") + 1:]
     assert re.search(r"^Load generator CPU: .*% of one core", r.stdout, re.MULTILINE)
 
     d = json.loads(out.read_text(encoding="utf-8"))
+    assert d["direction"] == direction
     assert d["total_measurements"] == total and d["errors"] == errors
     assert (d["sent"], d["received"], d["lost"], d["duplicated"], d["out_of_order"]) == \
         (200, 200, 0, 0, 0)
@@ -405,6 +407,82 @@ def test_load_test_block_and_json(redis_server, proxy, tmp_path):
     assert r.stdout.rstrip("\n") == load_module("load_test").format_results(d)
     # It cleans up after itself: no auth tokens left behind.
     assert redis_server.client().keys("session:lt-*:auth") == []
+    return d
+
+
+def test_load_test_block_and_json(redis_server, proxy, tmp_path):
+    out = tmp_path / "load.json"
+    r = run_example("load_test.py", "20", "1", "2", "0.2", "127.0.0.1", str(proxy.port),
+                    "--json", str(out), env=example_env(redis_server.url, proxy.ws_url),
+                    timeout=LOAD_TEST_TIMEOUT)
+    d = check_load_test_run(r, out, "down", redis_server)
+    assert d["publishers"] == 2 and d["subscribers"] == 0
+    assert re.search(r"^Publisher: 2 Redis connection\(s\)", r.stdout, re.MULTILINE)
+
+
+def messages_up(proxy) -> int:
+    status, body = proxy.get("/metrics")
+    assert status == 200
+    m = re.search(rb'^wsproxy_messages_total\{direction="up"\} (\d+)', body, re.MULTILINE)
+    assert m, body
+    return int(m.group(1))
+
+
+def test_load_test_direction_up(redis_server, proxy, tmp_path):
+    out = tmp_path / "load-up.json"
+    before = messages_up(proxy)
+    r = run_example("load_test.py", "20", "1", "2", "0.2", "127.0.0.1", str(proxy.port),
+                    "--direction", "up", "--json", str(out),
+                    env=example_env(redis_server.url, proxy.ws_url), timeout=LOAD_TEST_TIMEOUT)
+    d = check_load_test_run(r, out, "up", redis_server)
+    assert d["publishers"] == 0 and d["subscribers"] == 1 and d["subscribed_channels"] == 20
+    assert re.search(r"^Senders: the 20 sockets, one scheduler, .* subscriber: 1 Redis "
+                     r"connection, 20 channel\(s\)$", r.stdout, re.MULTILINE), r.stdout
+    # The 200 messages really went socket -> wsproxy -> PUBLISH :up.
+    assert messages_up(proxy) - before >= 200
+    # And the subscriber is gone.
+    assert redis_server.client().pubsub_channels("session:lt-*:up") == []
+
+
+def test_load_test_up_subscribes_before_measuring(redis_server, proxy):
+    """In process: on_phase brackets the measured window in up mode too, and by
+    "measure_start" Redis has every worker's :up channel subscribed."""
+    import asyncio
+
+    load_test = load_module("load_test")
+    client = redis_server.client()
+    phases: list[tuple[str, int]] = []
+
+    def on_phase(phase: str) -> None:
+        phases.append((phase, len(client.pubsub_channels("session:lt-*:up"))))
+
+    d = asyncio.run(load_test.run_load_test(
+        7, 0, 0.5, 0.1, "127.0.0.1", proxy.port, redis_url=redis_server.url,
+        on_phase=on_phase, direction="up"))
+    assert [p for p, _ in phases] == ["measure_start", "measure_end"]
+    assert phases[0][1] == 7
+    assert d["direction"] == "up" and (d["sent"], d["received"], d["lost"]) == (35, 35, 0)
+    assert d["errors"] == 0 and d["total_measurements"] == 35
+    with pytest.raises(ValueError):
+        asyncio.run(load_test.run_load_test(1, 0, 1, 1, "127.0.0.1", proxy.port,
+                                            redis_url=redis_server.url, direction="sideways"))
+
+
+def test_load_test_up_reports_what_wsproxy_refuses(redis_server, make_proxy, tmp_path):
+    # 128-byte messages over a 64-byte limit: wsproxy answers each with an error frame and
+    # publishes nothing; the run completes and says so.
+    small = make_proxy(redis_server.url, MAX_MESSAGE_SIZE_BYTES=64)
+    out = tmp_path / "refused.json"
+    r = run_example("load_test.py", "3", "0", "0.4", "0.2", "127.0.0.1", str(small.port),
+                    "--direction", "up", "--json", str(out),
+                    env=example_env(redis_server.url, small.ws_url), timeout=LOAD_TEST_TIMEOUT)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    d = json.loads(out.read_text(encoding="utf-8"))
+    assert (d["sent"], d["received"], d["lost"]) == (6, 0, 6)
+    assert d["errors_by_type"]["bad_message"] == 6 and d["errors"] == 6
+    assert d["delivery_ratio_percent"] == 0.0 and d["total_measurements"] == 0
+    assert "Message too large" in " ".join(d["error_samples"])
+    assert "Errors: 6" in r.stdout and "Direction: up" in r.stdout
 
 
 def test_load_test_exits_1_when_no_worker_connects(redis_server):
