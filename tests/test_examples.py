@@ -459,8 +459,9 @@ def test_load_test_up_subscribes_before_measuring(redis_server, proxy):
     d = asyncio.run(load_test.run_load_test(
         7, 0, 0.5, 0.1, "127.0.0.1", proxy.port, redis_url=redis_server.url,
         on_phase=on_phase, direction="up"))
-    assert [p for p, _ in phases] == ["measure_start", "measure_end"]
-    assert phases[0][1] == 7
+    assert [p for p, _ in phases] == ["connect_start", "connect_end", "measure_start",
+                                      "measure_end"]
+    assert dict(phases)["measure_start"] == 7
     assert d["direction"] == "up" and (d["sent"], d["received"], d["lost"]) == (35, 35, 0)
     assert d["errors"] == 0 and d["total_measurements"] == 35
     with pytest.raises(ValueError):
