@@ -343,3 +343,19 @@ def test_max_connections_gives_503_before_redis_work(make_proxy, redis_server, s
     assert third == 503
     assert ttl_after_third == -1  # refused before the GET and EXPIRE
     assert fourth == 101  # a slot freed by a close is usable again
+
+
+def test_request_picows_refuses_after_auth_leaks_no_subscription(proxy, redis_server,
+                                                                  session_id):
+    """A header value picows finds invalid passes the gate's own checks; picows answers
+    400 during the hand-over, after auth and SUBSCRIBE: the subscription must go."""
+    r = redis_server.client()
+    r.set(f"session:{session_id}:auth", "tok")
+    head = upgrade_head(f"/agent1/ws/{session_id}",
+                        "Authorization: Bearer tok\r\nX-Odd: a\x01b\r\n")
+    answer = raw_request(proxy.port, head)
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert r.ttl(f"session:{session_id}:auth") > 0  # it did get past auth
+    wait_for(lambda: r.pubsub_numsub(f"session:{session_id}:down")[0][1] == 0, 5,
+             "the subscription released")
+    assert proxy.get("/health")[0] == 200

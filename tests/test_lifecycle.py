@@ -40,6 +40,11 @@ def set_tokens(server, sids) -> None:
     pipe.execute()
 
 
+def _epoch(log_time: str) -> float:
+    from datetime import datetime
+    return datetime.fromisoformat(log_time.replace("Z", "+00:00")).timestamp()
+
+
 def numsub_all(server, sids) -> list[int]:
     return [n for _, n in server.client().pubsub_numsub(*[f"session:{s}:down" for s in sids])]
 
@@ -102,7 +107,8 @@ def test_raw_client_pong_keeps_connection(make_proxy, redis_server, session_id):
 
 # --- slow clients ----------------------------------------------------------------------
 
-def test_slow_client_is_closed_and_others_keep_flowing(make_proxy, redis_server, session_id):
+def test_slow_client_is_closed_and_others_keep_flowing(make_proxy, redis_server, session_id,
+                                                      record_property):
     buffer_limit = 256 * 1024
     p = make_proxy(redis_server.url, MAX_BUFFER_SIZE_BYTES=buffer_limit)
     slow_sid, fast_sid = f"{session_id}-slow", f"{session_id}-fast"
@@ -112,6 +118,8 @@ def test_slow_client_is_closed_and_others_keep_flowing(make_proxy, redis_server,
     proc = psutil.Process(p.proc.pid)
     rss_before = proc.memory_info().rss
     payload = '{"flood":"' + "x" * 1000 + '"}'
+
+    flood_started = time.time()
 
     async def main():
         async with connect(p, fast_sid) as fast:
@@ -143,6 +151,17 @@ def test_slow_client_is_closed_and_others_keep_flowing(make_proxy, redis_server,
     assert closed
     wait_for(lambda: '"code":1008' in p.log(), 5, "close 1008 in the log")
     assert "client too slow" in p.log()
+    entries = [json.loads(line) for line in p.log().splitlines() if line.startswith("{")]
+    too_slow_at = next(e["time"] for e in entries if e["event"] == "client_too_slow")
+    closed_at = next(e["time"] for e in entries
+                     if e["event"] == "connection_close" and e["code"] == 1008)
+    record_property("too_slow_after_flood_start_secs", round(_epoch(too_slow_at)
+                                                             - flood_started, 3))
+    record_property("closed_after_too_slow_secs", round(_epoch(closed_at)
+                                                        - _epoch(too_slow_at), 3))
+    record_property("fast_socket_median_latency_ms",
+                    round(1000 * sorted(latencies)[len(latencies) // 2], 3))
+    record_property("rss_growth_bytes", rss_after - rss_before)
     assert sorted(latencies)[len(latencies) // 2] < 0.05  # the median fast-socket delivery
     assert rss_after - rss_before < 64 * 1024 * 1024  # 20 MB sent at it; not kept
     metrics = p.get("/metrics")[1].decode()
@@ -200,7 +219,7 @@ def test_silent_and_trickling_clients_are_dropped(make_proxy, redis_server, sess
 
 # --- Redis outage ----------------------------------------------------------------------
 
-def test_redis_killed_and_restarted(make_redis, make_proxy, session_id):
+def test_redis_killed_and_restarted(make_redis, make_proxy, session_id, record_property):
     server = make_redis()
     p = make_proxy(server.url)
     sids = [f"{session_id}-{i}" for i in range(100)]
@@ -248,6 +267,7 @@ def test_redis_killed_and_restarted(make_redis, make_proxy, session_id):
         return resubscribed_in, message, new_status
 
     resubscribed_in, message, new_status = asyncio.run(main())
+    record_property("resubscribed_in_secs", round(resubscribed_in, 3))
     assert resubscribed_in < 2.0
     assert message == b'{"upstream":"back"}'
     assert new_status == 101
