@@ -71,6 +71,10 @@ def _taskset(core: str) -> list[str]:
     return ["taskset", "-c", core] if shutil.which("taskset") else []
 
 
+def _no_taskset(core: str) -> list[str]:
+    return []
+
+
 @dataclass
 class Started:
     """A process started here, stopped by its PID."""
@@ -275,9 +279,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2)
     parser.add_argument("--payload", type=int, default=128)
     parser.add_argument("--direction", choices=("down", "up"), default="down")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="let the scheduler place every process (latency at low load is "
+                             "then not set by Redis and the load generator sharing a core)")
     parser.add_argument("--json", help="write every run's summary here")
     args = parser.parse_args()
-    pin_self()
+    if args.no_pin:
+        global _taskset
+        _taskset = _no_taskset
+    else:
+        pin_self()
     servers = args.servers.split(",")
     runs: dict[str, list[Measurement]] = {s: [] for s in servers}
     redis = start_redis()
