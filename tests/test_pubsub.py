@@ -42,8 +42,8 @@ def test_refcount_subscribes_once_and_unsubscribes_last(redis_server, session_id
     async def main():
         pubsub = await started(redis_server.url)
         a, b = listener(session_id), listener(session_id)
-        await pubsub.wait_subscribed(pubsub.attach(channel, a))
-        await pubsub.wait_subscribed(pubsub.attach(channel, b))
+        await pubsub.wait_subscribed(pubsub.attach(channel, a), 5)
+        await pubsub.wait_subscribed(pubsub.attach(channel, b), 5)
         counts = [r.pubsub_numsub(channel)[0][1]]
         pubsub.detach(channel, a)
         await asyncio.sleep(0.1)

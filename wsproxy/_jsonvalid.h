@@ -166,12 +166,17 @@ static inline int wsp_utf8_valid(const unsigned char *p, size_t n)
         if (*p < 0x80) {
             /* tail shorter than 16 bytes, or no ctz on this platform */
             p++;
-        } else {
+            continue;
+        }
+        /* Non-ASCII text comes in runs (CJK, Cyrillic...): stay in this
+         * loop until the run ends instead of re-probing 16 bytes per
+         * character. */
+        do {
             size_t k = wsp__utf8_seq(p, end);
             if (k == 0)
                 return 0;
             p += k;
-        }
+        } while (p < end && *p >= 0x80);
     }
     return 1;
 }
@@ -287,10 +292,14 @@ wsp__scan_string(const unsigned char *p, const unsigned char *end)
 
         default:
             if (*p >= 0x80) {
-                size_t k = wsp__utf8_seq(p, end);
-                if (k == 0)
-                    return NULL;
-                p += k;
+                /* Stay here for a whole run of non-ASCII characters
+                 * (see wsp_utf8_valid). */
+                do {
+                    size_t k = wsp__utf8_seq(p, end);
+                    if (k == 0)
+                        return NULL;
+                    p += k;
+                } while (p < end && *p >= 0x80);
             } else if (*p < 0x20) {
                 return NULL;            /* RFC 8259 7: must be escaped */
             } else {

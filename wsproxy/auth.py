@@ -6,7 +6,6 @@ and compared in constant time.
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import hmac
 from urllib.parse import parse_qsl
@@ -51,7 +50,7 @@ async def check_token(
     """GET the session's token and compare; on a match, EXPIRE it to the grace period."""
     key = auth_key(session_id)
     try:
-        stored = await asyncio.wait_for(redis.execute("GET", key), timeout)
+        stored = await redis.execute("GET", key, timeout=timeout)
     except TimeoutError:
         return AuthResult.TIMEOUT
     except RedisUnavailable:

@@ -297,8 +297,8 @@ class Gate(asyncio.Protocol):
                 reject(503, "Redis unavailable", "redis_unavailable")
                 return
             try:
-                await asyncio.wait_for(server.pubsub.wait_subscribed(route),
-                                       max(0.0, deadline - time.monotonic()))
+                await server.pubsub.wait_subscribed(route,
+                                                    max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 reject(504, "subscription timed out", "subscribe_timeout")
                 return

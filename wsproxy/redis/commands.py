@@ -13,7 +13,13 @@ from typing import Any
 
 from .._fastpath import CommandProtocol, Upstream, encode_command
 from ..config import RedisAddress
-from .connection import ReconnectingLink, RedisUnavailable, expect_ok, hello_commands
+from .connection import (
+    ReconnectingLink,
+    RedisUnavailable,
+    expect_ok,
+    hello_commands,
+    wait_until,
+)
 
 
 class CommandClient(ReconnectingLink):
@@ -45,9 +51,11 @@ class CommandClient(ReconnectingLink):
             raise RedisUnavailable("not connected to Redis")
         return proto
 
-    async def execute(self, *args: Any) -> Any:
-        """Send one command and return its reply; an error reply is raised as-is."""
-        reply = await self._live().request(encode_command(*args))
+    async def execute(self, *args: Any, timeout: float | None = None) -> Any:
+        """Send one command and return its reply; an error reply is raised as-is.
+        With ``timeout``, TimeoutError once it has passed."""
+        fut = self._live().request(encode_command(*args))
+        reply = await (fut if timeout is None else wait_until(fut, timeout))
         if isinstance(reply, Exception):
             raise reply
         return reply

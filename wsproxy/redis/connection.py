@@ -169,6 +169,24 @@ class ReconnectingLink:
                 await asyncio.sleep(next(delays))
 
 
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
+async def wait_until(fut: asyncio.Future[Any], timeout: float) -> Any:
+    """Await ``fut``, raising TimeoutError after ``timeout`` seconds.
+
+    Cheaper than ``asyncio.wait_for`` on the handshake path (no extra task or waiter);
+    ``fut`` must be the caller's own future: a timeout sets its exception.
+    """
+    handle = asyncio.get_running_loop().call_later(timeout, _expire, fut)
+    try:
+        return await fut
+    finally:
+        handle.cancel()
+
+
 async def expect_ok(fut: asyncio.Future[Any], what: str) -> None:
     """Await a reply and raise RedisUnavailable unless it is not an error."""
     reply = await fut

@@ -13,6 +13,7 @@ After a reconnect every live channel is subscribed again, in batches.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import deque
 from typing import Any
@@ -20,9 +21,26 @@ from typing import Any
 from .._fastpath import PubSubProtocol, Route, SessionListener, encode_command
 from ..config import RedisAddress
 from ..log import log_event
-from .connection import ReconnectingLink, RedisUnavailable, expect_ok, hello_commands
+from .connection import (
+    ReconnectingLink,
+    RedisUnavailable,
+    expect_ok,
+    hello_commands,
+    wait_until,
+)
 
 RESUBSCRIBE_BATCH = 500
+
+
+def _follow(waiter: asyncio.Future[None], ready: asyncio.Future[None]) -> None:
+    if waiter.done():
+        return
+    if ready.cancelled():
+        waiter.set_exception(RedisUnavailable("subscription abandoned"))
+    elif ready.exception() is not None:
+        waiter.set_exception(ready.exception())  # type: ignore[arg-type]
+    else:
+        waiter.set_result(None)
 
 
 class PubSub(ReconnectingLink):
@@ -130,10 +148,16 @@ class PubSub(ReconnectingLink):
             route.listeners.append(listener)
         return route
 
-    async def wait_subscribed(self, route: Route) -> None:
-        """Return once Redis confirmed the route's SUBSCRIBE."""
-        if not route.subscribed:
-            await asyncio.shield(route.ready)
+    async def wait_subscribed(self, route: Route, timeout: float) -> None:
+        """Return once Redis confirmed the route's SUBSCRIBE; TimeoutError after
+        ``timeout`` seconds, RedisUnavailable if the subscription failed."""
+        if route.subscribed:
+            return
+        # The route's future is shared by every socket of the session: wait on a
+        # future of our own that follows it, so a timeout here touches nobody else.
+        waiter = asyncio.get_running_loop().create_future()
+        route.ready.add_done_callback(functools.partial(_follow, waiter))
+        await wait_until(waiter, timeout)
 
     def detach(self, channel: bytes, listener: SessionListener) -> None:
         """Remove ``listener``; unsubscribe when it was the channel's last socket."""
