@@ -43,6 +43,22 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
         time.sleep(interval)
 
 
+async def close_codes(sockets, timeout: float = 10.0) -> list:
+    """For each websockets client, the close code the server sent next (``"message"``
+    if a message came instead, None for a close without a CLOSE frame)."""
+    import asyncio
+
+    import websockets
+    codes: list = []
+    for ws in sockets:
+        try:
+            await asyncio.wait_for(ws.recv(), timeout)
+            codes.append("message")
+        except websockets.ConnectionClosed as exc:
+            codes.append(exc.rcvd.code if exc.rcvd else None)
+    return codes
+
+
 class RedisServer:
     """A redis-server process of our own on a free port; can be killed and restarted."""
 

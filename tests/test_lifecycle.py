@@ -14,7 +14,7 @@ import psutil
 import pytest
 import websockets
 
-from .conftest import wait_for
+from .conftest import close_codes, wait_for
 from .rawws import RawWebSocket
 
 PING, PONG, CLOSE, TEXT = 0x9, 0xA, 0x8, 0x1
@@ -330,12 +330,7 @@ def test_sigterm_drains_then_closes_1001_and_exits_0(make_proxy, redis_server, s
             assert r.publish(f"session:{sid}:down", f'{{"grace":{i}}}') == 1
         for i, ws in enumerate(sockets):
             assert await asyncio.wait_for(ws.recv(), 5) == f'{{"grace":{i}}}'
-        codes = []
-        for ws in sockets:
-            try:
-                await asyncio.wait_for(ws.recv(), 10)
-            except websockets.ConnectionClosed as exc:
-                codes.append(exc.rcvd.code if exc.rcvd else None)
+        codes = await close_codes(sockets)
         closed_after = time.monotonic() - signalled
         return codes, closed_after
 

@@ -12,7 +12,7 @@ import pytest
 import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import wait_for
+from .conftest import close_codes, wait_for
 
 
 def connect(proxy, sid: str):
@@ -185,12 +185,7 @@ def test_sigterm_to_supervisor_closes_every_socket_1001(two_workers, redis_serve
         await open_until_both_workers_serve(p, sids, sockets)
         p.proc.send_signal(signal.SIGTERM)
         started = time.monotonic()
-        codes = []
-        for ws in sockets:
-            try:
-                await asyncio.wait_for(ws.recv(), 10)
-            except websockets.ConnectionClosed as exc:
-                codes.append(exc.rcvd.code if exc.rcvd else None)
+        codes = await close_codes(sockets)
         return codes, len(sockets), time.monotonic() - started
 
     codes, n, elapsed = asyncio.run(main())
