@@ -353,3 +353,25 @@ def test_pubsub_subscriptions_return_to_zero(proxy, redis_server, session_id):
     wait_for(lambda: all(n == 0 for _, n in r.pubsub_numsub(*[f"session:{s}:down" for s in sids])),
              5, "every channel unsubscribed")
     assert proxy.proc.poll() is None
+
+
+def test_backlogged_socket_keeps_order_and_bytes(proxy, redis_server, session):
+    """A client that stops reading for a while: frames pile up behind what the kernel
+    would not take, and still arrive complete and in order once it reads again."""
+    from .rawws import RawWebSocket
+
+    r = redis_server.client()
+    raw = RawWebSocket(proxy.port, f"/agent1/ws/{session}", "tok", rcvbuf=4096)
+    payloads = [json.dumps({"n": i, "pad": "z" * (i % 3000)}) for i in range(2000)]
+    pipe = r.pipeline(transaction=False)
+    for p in payloads:
+        pipe.publish(f"session:{session}:down", p)
+    assert all(n == 1 for n in pipe.execute())
+    time.sleep(0.5)  # the proxy has queued what the socket would not take
+    got = []
+    for _ in payloads:
+        opcode, data = raw.read_frame()
+        assert opcode == 0x1
+        got.append(data.decode())
+    raw.close()
+    assert got == payloads

@@ -80,6 +80,8 @@ cdef class SessionListener(WSListener):
     cdef bint fragmented_binary
     cdef bint fragmented_oversize
     cdef public bint too_slow
+    cdef bint backlogged
+    cdef int fd
     cdef public bint closing
     cdef public bint connected
     cdef public double last_activity
@@ -98,3 +100,4 @@ cdef class SessionListener(WSListener):
     cdef _finish_fragmented(self)
     cdef _on_close_frame(self, WSFrame frame)
     cdef _protocol_error(self, str reason)
+    cdef _too_slow(self)

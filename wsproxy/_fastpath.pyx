@@ -20,6 +20,30 @@ import collections
 
 import hiredis
 
+cdef extern from "<sys/uio.h>" nogil:
+    cdef struct iovec:
+        void* iov_base
+        size_t iov_len
+
+cdef extern from "<sys/socket.h>" nogil:
+    cdef struct msghdr:
+        void* msg_name
+        unsigned int msg_namelen
+        iovec* msg_iov
+        size_t msg_iovlen
+        void* msg_control
+        size_t msg_controllen
+        int msg_flags
+    ssize_t sendmsg(int fd, const msghdr* msg, int flags)
+    int MSG_NOSIGNAL
+    int MSG_DONTWAIT
+
+cdef extern from "<errno.h>" nogil:
+    int errno
+    int EAGAIN
+    int EWOULDBLOCK
+    int EINTR
+
 cdef extern from "_jsonvalid.h" nogil:
     int wsp_utf8_valid(const unsigned char *p, size_t n)
     int wsp_json_valid(const unsigned char *p, size_t n)
@@ -386,6 +410,25 @@ cdef class PubSubProtocol(RedisProtocol):
 # ---------------------------------------------------------------------------
 # The per-socket listener
 
+cdef inline Py_ssize_t _frame_header(unsigned char* out, WSMsgType msg_type,
+                                     Py_ssize_t size) noexcept:
+    # RFC 6455 5.2, server to client: FIN + opcode, then the length, no mask.
+    cdef int i
+    out[0] = 0x80 | <unsigned char>msg_type
+    if size < 126:
+        out[1] = <unsigned char>size
+        return 2
+    if size < 65536:
+        out[1] = 126
+        out[2] = <unsigned char>(size >> 8)
+        out[3] = <unsigned char>size
+        return 4
+    out[1] = 127
+    for i in range(8):
+        out[2 + i] = <unsigned char>((<unsigned long long>size) >> (56 - 8 * i))
+    return 10
+
+
 cdef inline int _safe_close_code(int code) noexcept:
     # Codes a server may send back in its CLOSE; anything else is answered with 1000.
     if code == 1000 or code == 1001 or code == 1002 or code == 1003:
@@ -414,6 +457,8 @@ cdef class SessionListener(WSListener):
         self.fragmented_binary = False
         self.fragmented_oversize = False
         self.too_slow = False
+        self.backlogged = False
+        self.fd = -1
         self.closing = False
         self.connected = False
         self.last_activity = g_now
@@ -431,7 +476,10 @@ cdef class SessionListener(WSListener):
         self.transport = transport
         self.connected = True
         self.last_activity = g_now
-        transport.underlying_transport.set_write_buffer_limits(high=g_max_buffer)
+        self.fd = transport.underlying_transport.get_extra_info("socket").fileno()
+        # pause_writing/resume_writing now mean "the transport holds unsent bytes" /
+        # "it is empty again": while it is empty, send_down writes to the socket itself.
+        transport.underlying_transport.set_write_buffer_limits(high=0, low=0)
         # Messages that arrived between the SUBSCRIBE ack and the 101 go first.
         pending = self.pending
         self.pending = None
@@ -489,15 +537,12 @@ cdef class SessionListener(WSListener):
         self.events.disconnected(self)
 
     cpdef pause_writing(self):
-        # The transport's unsent buffer passed MAX_BUFFER_SIZE_BYTES: the client is
-        # not reading. Stop sending at once; the close happens outside the write call.
-        if not self.too_slow:
-            self.too_slow = True
-            STATS.c[C_BACKPRESSURE_DISCONNECTS] += 1
-            self.events.too_slow(self)
+        # The transport now holds bytes the kernel did not take: until it has written
+        # them, every frame must queue behind them.
+        self.backlogged = True
 
     cpdef resume_writing(self):
-        pass
+        self.backlogged = False
 
     # upstream -----------------------------------------------------------------
     cdef int _on_message(self, const char* data, Py_ssize_t size) except -1:
@@ -561,10 +606,57 @@ cdef class SessionListener(WSListener):
                 else:
                     self.pending.append(payload)
             return 0
-        self.transport.send(msg_type, payload)
+        cdef WSTransport transport = self.transport
+        if transport.is_close_frame_sent or transport.is_disconnected:
+            return 0
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(payload)
+        cdef unsigned char header[10]
+        cdef Py_ssize_t header_size = _frame_header(header, msg_type, size)
+        cdef iovec iov[2]
+        cdef msghdr msg
+        cdef ssize_t sent = 0
         STATS.c[C_MESSAGES_DOWN] += 1
-        STATS.c[C_BYTES_DOWN] += PyBytes_GET_SIZE(payload)
+        STATS.c[C_BYTES_DOWN] += size
+        if not self.backlogged:
+            # The common case: nothing queued, so the frame goes straight to the
+            # kernel in one sendmsg(), header and payload without a copy.
+            iov[0].iov_base = header
+            iov[0].iov_len = header_size
+            iov[1].iov_base = PyBytes_AS_STRING(payload)
+            iov[1].iov_len = size
+            memset(&msg, 0, sizeof(msg))
+            msg.msg_iov = iov
+            msg.msg_iovlen = 2
+            sent = sendmsg(self.fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT)
+            if sent == header_size + size:
+                return 0
+            if sent < 0:
+                if errno != EAGAIN and errno != EWOULDBLOCK and errno != EINTR:
+                    return 0  # the connection is failing: the transport will report it
+                sent = 0
+        # Queue the rest behind what the transport holds (this pauses us), and close
+        # the socket once that backlog passes MAX_BUFFER_SIZE_BYTES.
+        cdef bytes frame = PyBytes_FromStringAndSize(NULL, header_size + size - sent)
+        cdef char* out = PyBytes_AS_STRING(frame)
+        if sent < header_size:
+            memcpy(out, header + sent, header_size - sent)
+            memcpy(out + header_size - sent, PyBytes_AS_STRING(payload), size)
+        else:
+            memcpy(out, PyBytes_AS_STRING(payload) + (sent - header_size),
+                   header_size + size - sent)
+        underlying = transport.underlying_transport
+        underlying.write(frame)
+        if underlying.get_write_buffer_size() > g_max_buffer:
+            self._too_slow()
         return 0
+
+    cdef _too_slow(self):
+        # The client is not reading: stop sending at once; the close happens outside
+        # the write call that found out.
+        if not self.too_slow:
+            self.too_slow = True
+            STATS.c[C_BACKPRESSURE_DISCONNECTS] += 1
+            self.events.too_slow(self)
 
     # closing ------------------------------------------------------------------
     cdef _on_close_frame(self, WSFrame frame):
