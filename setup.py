@@ -6,6 +6,7 @@ extensions = [
     Extension(
         "wsproxy._fastpath",
         ["wsproxy/_fastpath.pyx"],
+        depends=["wsproxy/_jsonvalid.h", "wsproxy/_fastpath.pxd"],
         extra_compile_args=["-O2"],
     ),
 ]

@@ -14,55 +14,10 @@ Exit codes: 0 token stored, 1 Redis error, 2 wrong arguments.
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import sys
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
-
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
-ID_RE = re.compile(r"[A-Za-z0-9._~-]{1,128}")
-
-
-def session_id(value: str) -> str:
-    """argparse type: the proxy accepts 1-128 characters of A-Z a-z 0-9 . _ ~ -"""
-    if not ID_RE.fullmatch(value):
-        raise argparse.ArgumentTypeError(
-            f"invalid session id {value!r}: use 1-128 characters of A-Z a-z 0-9 . _ ~ -")
-    return value
-
-
-def token(value: str) -> str:
-    if not value or any(c.isspace() for c in value) or not value.isprintable():
-        raise argparse.ArgumentTypeError(
-            "the token must be non-empty printable text without spaces")
-    return value
-
-
-def positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0: {value!r}")
-    return n
-
-
-def safe_url(url: str) -> str:
-    """The URL without its password, for messages."""
-    try:
-        parts = urlsplit(url)
-        if parts.password:
-            host = parts.hostname or ""
-            if parts.port:
-                host = f"{host}:{parts.port}"
-            user = parts.username or ""
-            return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-    except ValueError:
-        pass
-    return url
+from _common import positive_int, redis_url_from_env, run_main, safe_url, session_id, token
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -81,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    url = os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
+    url = redis_url_from_env()
     key = f"session:{args.session_id}:auth"
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
@@ -101,10 +56,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # Ctrl+C before the event loop took over the signal
-        sys.exit(0)
-    except BrokenPipeError:  # stdout closed early, e.g. piped into `head`
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+    run_main(main)

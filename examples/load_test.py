@@ -49,14 +49,12 @@ import logging
 import math
 import os
 import secrets
-import signal
 import ssl
 import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from picows import WSCloseCode, WSHandshakeError, WSListener, WSMsgType, ws_connect
@@ -78,7 +76,19 @@ try:
 except ImportError:  # only --direction up needs it
     _HiredisReader = None  # type: ignore[assignment,misc]
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
+# benchmarks/harness.py imports this file by path, without examples/ on sys.path.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+from _common import (  # noqa: E402 (needs the sys.path entry above)
+    agent_id,
+    positive_int,
+    redis_url_from_env,
+    run_main,
+    run_until_signal,
+    safe_url,
+)
+
 CONNECT_CONCURRENCY = 200      # handshakes in flight at once
 CONNECT_TIMEOUT = 15.0         # TCP connect + HTTP upgrade, per worker
 DRAIN_TIMEOUT = 2.0            # max wait for stragglers after the last PUBLISH
@@ -328,17 +338,6 @@ def _percentile(sorted_values: list[int], p: float) -> int:
     """Nearest-rank percentile."""
     n = len(sorted_values)
     return sorted_values[min(n - 1, max(0, math.ceil(p / 100.0 * n) - 1))]
-
-
-def _safe_url(url: str) -> str:
-    try:
-        parts = urlsplit(url)
-        if parts.password:
-            host = f"{parts.hostname}:{parts.port}" if parts.port else (parts.hostname or "")
-            return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
-    except ValueError:
-        pass
-    return url
 
 
 async def _redis_pipelined(client, commands: list[tuple], what: str) -> None:
@@ -763,7 +762,7 @@ async def run_load_test(num_workers: int, warmup: float, duration: float, interv
     if up and _HiredisReader is None:
         raise LoadTestError("--direction up needs hiredis (pip install hiredis)")
     say = progress or (lambda _msg: None)
-    redis_url = redis_url or os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
+    redis_url = redis_url or redis_url_from_env()
     wall0, cpu0 = time.perf_counter(), time.process_time()
     nofile = raise_nofile_limit()
     if num_workers + 64 > nofile:
@@ -782,7 +781,7 @@ async def run_load_test(num_workers: int, warmup: float, duration: float, interv
     try:
         client = aioredis.Redis.from_url(redis_url, socket_connect_timeout=5)
     except ValueError as e:
-        raise LoadTestError(f"invalid REDIS_URL {_safe_url(redis_url)!r}: {e}") from e
+        raise LoadTestError(f"invalid REDIS_URL {safe_url(redis_url)!r}: {e}") from e
     connected: list[_Worker] = []
     conns: list[_PublishConn] = []
     sub: _SubscribeConn | None = None
@@ -792,7 +791,7 @@ async def run_load_test(num_workers: int, warmup: float, duration: float, interv
         try:
             await client.ping()
         except (RedisError, OSError) as e:
-            raise LoadTestError(f"cannot reach Redis at {_safe_url(redis_url)}: {e}") from e
+            raise LoadTestError(f"cannot reach Redis at {safe_url(redis_url)}: {e}") from e
         ttl = int(warmup + duration + 600)
         keys_set = True
         await _redis_pipelined(
@@ -803,7 +802,7 @@ async def run_load_test(num_workers: int, warmup: float, duration: float, interv
                 conns.append(await _open_publish_conn(redis_url, stats))
         except (TimeoutError, OSError) as e:
             raise LoadTestError(f"cannot open a publishing connection to Redis at "
-                                f"{_safe_url(redis_url)}: {e}") from e
+                                f"{safe_url(redis_url)}: {e}") from e
 
         say(f"Connecting {num_workers} workers to ws://{netloc}/{agent_id}/ws/... "
             f"({CONNECT_CONCURRENCY} at a time)")
@@ -830,7 +829,7 @@ async def run_load_test(num_workers: int, warmup: float, duration: float, interv
                 await sub.subscribe(connected, SUBSCRIBE_TIMEOUT)
             except (TimeoutError, OSError) as e:
                 raise LoadTestError(f"cannot subscribe to the :up channels at "
-                                    f"{_safe_url(redis_url)}: {e}") from e
+                                    f"{safe_url(redis_url)}: {e}") from e
         t_measure = time.perf_counter()
         cpu_measure = time.process_time()
         publish_secs = 0.0
@@ -970,16 +969,6 @@ async def _teardown(client, workers: list[_Worker], connected: list[_Worker],
 
 # --------------------------------------------------------------------------- command line
 
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0: {value!r}")
-    return n
-
-
 def _seconds(allow_zero: bool) -> Callable[[str], float]:
     def check(value: str) -> float:
         try:
@@ -1009,14 +998,6 @@ def _host(value: str) -> str:
     return value
 
 
-def _agent_id(value: str) -> str:
-    import re
-    if not re.fullmatch(r"[A-Za-z0-9._~-]{1,128}", value):
-        raise argparse.ArgumentTypeError(
-            f"invalid agent id {value!r}: use 1-128 characters of A-Z a-z 0-9 . _ ~ -")
-    return value
-
-
 def _size(value: str) -> int:
     try:
         n = int(value)
@@ -1036,7 +1017,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="End-to-end latency and delivery test for wsproxy.",
         epilog="Example: load_test.py 50 3 10 1 127.0.0.1 4040. "
                "Environment: REDIS_URL (default redis://127.0.0.1:6379).")
-    p.add_argument("num_workers", type=_positive_int, help="WebSocket connections")
+    p.add_argument("num_workers", type=positive_int, help="WebSocket connections")
     p.add_argument("warmup_secs", type=_seconds(True), help="wait after connecting")
     p.add_argument("test_duration_secs", type=_seconds(False), help="measurement period")
     p.add_argument("message_interval_secs", type=_seconds(False),
@@ -1044,10 +1025,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("ws_host", type=_host, help="wsproxy host, e.g. 127.0.0.1")
     p.add_argument("ws_port", type=_port, help="wsproxy port, e.g. 4040")
     p.add_argument("--json", metavar="FILE", help="also write every figure to FILE as JSON")
-    p.add_argument("--agent-id", type=_agent_id, default="load", help="agent id in the URL")
+    p.add_argument("--agent-id", type=agent_id, default="load", help="agent id in the URL")
     p.add_argument("--payload-size", type=_size, default=128, metavar="BYTES",
                    help="approximate message size (default 128)")
-    p.add_argument("--publishers", type=_positive_int, default=2, metavar="N",
+    p.add_argument("--publishers", type=positive_int, default=2, metavar="N",
                    help="Redis connections the PUBLISHes are pipelined over (default 2; "
                         "down only)")
     p.add_argument("--direction", choices=DIRECTIONS, default="down",
@@ -1066,33 +1047,13 @@ def main(argv: list[str] | None = None) -> int:
     def say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    async def runner() -> int:
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        stopping = False
-
-        def on_signal() -> None:
-            nonlocal stopping
-            if stopping:
-                sys.stdout.flush()
-                os._exit(0)
-            stopping = True
-            task.cancel()
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal)
+    async def run() -> int:
         try:
             d = await run_load_test(
                 args.num_workers, args.warmup_secs, args.test_duration_secs,
                 args.message_interval_secs, args.ws_host, args.ws_port,
                 agent_id=args.agent_id, payload_size=args.payload_size,
                 publishers=args.publishers, progress=say, direction=args.direction)
-        except asyncio.CancelledError:
-            if not stopping:
-                raise
-            say("Interrupted; no results.")
-            return 0
         except LoadTestError as e:
             say(f"error: {e}")
             return 1
@@ -1111,18 +1072,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
 
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(runner())
-    return uvloop.run(runner())
+    return run_until_signal(run(), stopped="Interrupted; no results.", uvloop=True)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # Ctrl+C before the event loop took over the signal
-        sys.exit(0)
-    except BrokenPipeError:  # stdout closed early, e.g. piped into `head`
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+    run_main(main)

@@ -15,36 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import re
-import signal
 import sys
-from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from _common import run_main, run_until_signal, safe_url, session_id, valid_redis_url
 from redis.exceptions import RedisError
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
-ID_RE = re.compile(r"[A-Za-z0-9._~-]{1,128}")
 NEWLINES = str.maketrans({"\r": " ", "\n": " "})
-
-
-def session_id(value: str) -> str:
-    if not ID_RE.fullmatch(value):
-        raise argparse.ArgumentTypeError(
-            f"invalid session id {value!r}: use 1-128 characters of A-Z a-z 0-9 . _ ~ -")
-    return value
-
-
-def safe_url(url: str) -> str:
-    try:
-        parts = urlsplit(url)
-        if parts.password:
-            host = f"{parts.hostname}:{parts.port}" if parts.port else (parts.hostname or "")
-            return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
-    except ValueError:
-        pass
-    return url
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -111,51 +88,13 @@ async def subscribe(url: str, sid: str) -> int:
             pass
 
 
-def run_until_signal(coro) -> int:
-    """Run `coro`; SIGINT/SIGTERM cancel it cleanly (exit 0), a second one exits at once."""
-    async def runner() -> int:
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        stopping = False
-
-        def on_signal() -> None:
-            nonlocal stopping
-            if stopping:
-                sys.stdout.flush()
-                os._exit(0)
-            stopping = True
-            task.cancel()
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal)
-        try:
-            return await coro
-        except asyncio.CancelledError:
-            if not stopping:
-                raise
-            print("Stopped.", file=sys.stderr, flush=True)
-            return 0
-
-    return asyncio.run(runner())
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    url = os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
-    try:
-        aioredis.ConnectionPool.from_url(url)
-    except ValueError as e:
-        print(f"error: invalid REDIS_URL {safe_url(url)!r}: {e}", file=sys.stderr)
+    url = valid_redis_url(aioredis.ConnectionPool.from_url)
+    if url is None:
         return 1
     return run_until_signal(subscribe(url, args.session_id))
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # Ctrl+C before the event loop took over the signal
-        sys.exit(0)
-    except BrokenPipeError:  # stdout closed early, e.g. piped into `head`
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+    run_main(main)

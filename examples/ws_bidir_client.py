@@ -21,54 +21,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import re
-import signal
 import sys
 import time
 from datetime import UTC, datetime
 
+from _common import (
+    agent_id,
+    positive_float,
+    positive_int,
+    run_main,
+    run_until_signal,
+    session_id,
+    token,
+    wsproxy_url_from_env,
+)
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
-
-DEFAULT_WSPROXY_URL = "ws://127.0.0.1:4040"
-ID_RE = re.compile(r"[A-Za-z0-9._~-]{1,128}")
-
-
-def ident(kind: str):
-    def check(value: str) -> str:
-        if not ID_RE.fullmatch(value):
-            raise argparse.ArgumentTypeError(
-                f"invalid {kind} {value!r}: use 1-128 characters of A-Z a-z 0-9 . _ ~ -")
-        return value
-    return check
-
-
-def token(value: str) -> str:
-    if not value or any(c.isspace() for c in value) or not value.isprintable():
-        raise argparse.ArgumentTypeError(
-            "the token must be non-empty printable text without spaces")
-    return value
-
-
-def positive_float(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if not (x > 0 and x < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be > 0: {value!r}")
-    return x
-
-
-def positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0: {value!r}")
-    return n
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -77,8 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         usage="%(prog)s <agent_id> <session_id> <auth_token> [--interval SECS] [--count N]",
         description="Connect to wsproxy, send pings upstream, print downstream messages.",
         epilog="Environment: WSPROXY_URL (default ws://127.0.0.1:4040). Ctrl+C stops.")
-    p.add_argument("agent_id", type=ident("agent id"), help="agent id, e.g. agent1")
-    p.add_argument("session_id", type=ident("session id"), help="session id, e.g. test-session-123")
+    p.add_argument("agent_id", type=agent_id, help="agent id, e.g. agent1")
+    p.add_argument("session_id", type=session_id, help="session id, e.g. test-session-123")
     p.add_argument("auth_token", type=token, help="the token stored by auth_token_setter.py")
     p.add_argument("--interval", type=positive_float, default=3.0, metavar="SECS",
                    help="seconds between pings (default 3)")
@@ -174,47 +142,12 @@ async def run(base_url: str, agent_id: str, sid: str, token: str, interval: floa
                 pass
 
 
-def run_until_signal(coro) -> int:
-    """Run `coro`; SIGINT/SIGTERM cancel it cleanly (exit 0), a second one exits at once."""
-    async def runner() -> int:
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        stopping = False
-
-        def on_signal() -> None:
-            nonlocal stopping
-            if stopping:
-                sys.stdout.flush()
-                os._exit(0)
-            stopping = True
-            task.cancel()
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal)
-        try:
-            return await coro
-        except asyncio.CancelledError:
-            if not stopping:
-                raise
-            print("Stopped.", file=sys.stderr, flush=True)
-            return 0
-
-    return asyncio.run(runner())
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    base_url = os.environ.get("WSPROXY_URL") or DEFAULT_WSPROXY_URL
+    base_url = wsproxy_url_from_env()
     return run_until_signal(run(base_url, args.agent_id, args.session_id, args.auth_token,
                                 args.interval, args.count))
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # Ctrl+C before the event loop took over the signal
-        sys.exit(0)
-    except BrokenPipeError:  # stdout closed early, e.g. piped into `head`
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+    run_main(main)
