@@ -101,7 +101,7 @@ async def run(base_url: str, agent_id: str, sid: str, token: str, interval: floa
         print(f"error: handshake refused by {url}: HTTP {r.status_code} {r.reason_phrase}"
               + (f": {body[:200]}" if body else ""), file=sys.stderr)
         return 1
-    except InvalidURI as e:
+    except (InvalidURI, ValueError) as e:  # urllib raises ValueError on e.g. "ws://[::1"
         print(f"error: invalid WSPROXY_URL {base_url!r}: {e}", file=sys.stderr)
         return 1
     except (OSError, InvalidHandshake, TimeoutError) as e:

@@ -280,6 +280,15 @@ def test_bidir_client_unreachable_proxy_exits_1(redis_server):
     assert len(err.splitlines()) == 1 and err.startswith("error:"), err
 
 
+def test_bidir_client_malformed_wsproxy_url_exits_1(redis_server):
+    env = example_env(redis_server.url, "ws://[::1")
+    r = run_example("ws_bidir_client.py", "agent1", uid("ex-bidir-url"), "tok", "--count", "1",
+                    env=env)
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith("error: invalid WSPROXY_URL"), r.stderr
+
+
 # --------------------------------------------------------------------------- arguments, Ctrl+C
 
 BAD_ARGS = [
