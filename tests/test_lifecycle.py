@@ -278,7 +278,8 @@ def test_redis_killed_and_restarted(make_redis, make_proxy, session_id, record_p
     assert p.proc.poll() is None
 
 
-def test_redis_that_stops_answering_is_an_outage(make_redis, make_proxy, session_id):
+def test_redis_that_stops_answering_is_an_outage(make_redis, make_proxy, session_id,
+                                                 record_property):
     server = make_redis()
     p = make_proxy(server.url, AUTH_TIMEOUT_SECS=0.5)
     set_tokens(server, [session_id])
@@ -304,6 +305,7 @@ def test_redis_that_stops_answering_is_an_outage(make_redis, make_proxy, session
             return detected_in, await asyncio.wait_for(ws.recv(), 5)
 
     detected_in, got = asyncio.run(main())
+    record_property("stall_detected_in_secs", round(detected_in, 3))
     assert detected_in < 3.0
     assert got == '"after stall"'
     assert "redis_stalled" in p.log()
