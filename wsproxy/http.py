@@ -40,7 +40,9 @@ _ID = re.compile(r"[A-Za-z0-9._~-]{1,128}")
 _WS_PATH = re.compile(r"/([^/]*)/ws/([^/]*)")
 _HTTP1_VERSION = re.compile(r"HTTP/1\.[0-9]")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 field-name
-_PICOWS_LOGGER = logging.getLogger("picows.server")
+# An adapter, not a Logger: picows builds a child Logger per connection from a Logger
+# (memory and time per socket), but uses an adapter as it is.
+_PICOWS_LOGGER = logging.LoggerAdapter(logging.getLogger("picows.server"), {})
 # picows' read buffer starts at this size and grows for larger frames; a small start
 # keeps idle sockets cheap.
 _READ_BUFFER_INIT = 4096
