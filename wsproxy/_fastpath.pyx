@@ -69,7 +69,12 @@ def utf8_valid(const unsigned char[:] data not None) -> bool:
 # ---------------------------------------------------------------------------
 # Counters
 
-COUNTER_NAMES = ("messages_down", "bytes_down", "messages_up", "bytes_up", "errors_invalid_json", "errors_too_large", "errors_binary", "errors_upstream_unavailable", "errors_protocol", "backpressure_disconnects", "ping_timeouts", )
+# In the order of the C_* constants in _fastpath.pxd.
+COUNTER_NAMES = (
+    "messages_down", "bytes_down", "messages_up", "bytes_up", "errors_invalid_json",
+    "errors_too_large", "errors_binary", "errors_upstream_unavailable", "errors_protocol",
+    "backpressure_disconnects", "ping_timeouts",
+)
 
 
 cdef class Stats:
@@ -123,11 +128,6 @@ def set_clock(double now) -> None:
     """Advance the coarse clock that frames stamp as their socket's last activity."""
     global g_now
     g_now = now
-
-
-def get_clock() -> float:
-    """The coarse clock's current value."""
-    return g_now
 
 
 # ---------------------------------------------------------------------------
@@ -382,10 +382,6 @@ cdef class Route:
         for listener in self.listeners:
             listener.send_down(msg_type, payload)
         return 0
-
-    def deliver_now(self, bytes payload):
-        """Deliver ``payload`` to every socket of the route (tests and benchmarks)."""
-        self.deliver(payload)
 
 
 cdef class PubSubProtocol(RedisProtocol):
@@ -684,23 +680,9 @@ cdef class SessionListener(WSListener):
         self.transport.send_close(<WSCloseCode>code, reason.encode())
         self.transport._loop.call_later(abort_after, self._abort_if_open)
 
-    def abort(self):
-        """Drop the TCP connection at once."""
-        if self.transport is not None:
-            self.transport.disconnect(False)
-
     def _abort_if_open(self):
         if self.transport is not None and not self.transport.is_disconnected:
             self.transport.disconnect(False)
-
-    def send_ping(self):
-        """Send a heartbeat PING."""
-        if self.transport is not None and not self.closing:
-            self.transport.send_ping()
-
-    def send_text(self, payload):
-        """Send one text frame (tests and control paths, not the hot path)."""
-        self.send_down(WSMsgType.TEXT, payload)
 
     @property
     def write_buffer_size(self) -> int:
