@@ -62,14 +62,16 @@ async def close_codes(sockets, timeout: float = 10.0) -> list:
 class RedisServer:
     """A redis-server process of our own on a free port; can be killed and restarted."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, password: str | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail("redis-server is not on PATH: install it (apt-get install -y redis-server)"
                         " -- the tests need a real Redis", pytrace=False)
         self.binary = binary
         self.port = port or free_port()
-        self.url = f"redis://127.0.0.1:{self.port}"
+        self.password = password
+        auth = f":{password}@" if password else ""
+        self.url = f"redis://{auth}127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
@@ -77,19 +79,21 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning",
-             "--enable-debug-command", "local"],
+             "--enable-debug-command", "local",
+             *(["--requirepass", self.password] if self.password else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(self._pings, 10, f"redis-server on port {self.port}")
 
     def _pings(self) -> bool:
         try:
-            return bool(redis.Redis(port=self.port, socket_timeout=0.5).ping())
+            return bool(redis.Redis(port=self.port, password=self.password,
+                                    socket_timeout=0.5).ping())
         except redis.RedisError:
             return False
 
     def client(self) -> redis.Redis:
         """A new redis-py client on this server."""
-        return redis.Redis(port=self.port, socket_timeout=10)
+        return redis.Redis(port=self.port, password=self.password, socket_timeout=10)
 
     def kill(self) -> None:
         """SIGKILL the server, as a crash would."""
@@ -157,6 +161,7 @@ class Proxy:
                 self.proc.kill()
                 self.proc.wait(10)
         self.log_file.close()
+        Path(self.log_file.name).unlink(missing_ok=True)
         return self.proc.returncode
 
 
@@ -182,8 +187,8 @@ def make_redis() -> Iterator:
     """Start extra redis-servers a test may kill; all stopped afterwards."""
     started: list[RedisServer] = []
 
-    def make(port: int | None = None) -> RedisServer:
-        server = RedisServer(port)
+    def make(port: int | None = None, password: str | None = None) -> RedisServer:
+        server = RedisServer(port, password)
         started.append(server)
         return server
 

@@ -359,3 +359,35 @@ def test_request_picows_refuses_after_auth_leaks_no_subscription(proxy, redis_se
     wait_for(lambda: r.pubsub_numsub(f"session:{session_id}:down")[0][1] == 0, 5,
              "the subscription released")
     assert proxy.get("/health")[0] == 200
+
+
+def test_redis_with_a_password_and_a_database(make_redis, make_proxy, session_id):
+    """REDIS_URL's password (AUTH on both connections) and db (SELECT for the token)."""
+    server = make_redis(password="s3cret-pw")
+    p = make_proxy(server.url + "/2")
+    r = redis.Redis(port=server.port, password="s3cret-pw", db=2)
+    r.set(f"session:{session_id}:auth", "tok")
+    server.client().set(f"session:{session_id}-db0:auth", "tok")  # db 0: not looked at
+
+    async def main():
+        async with websockets.connect(ws_url(p, session_id), additional_headers=bearer("tok")) \
+                as ws:
+            r.publish(f"session:{session_id}:down", '"through auth"')
+            got = await asyncio.wait_for(ws.recv(), 5)
+        other = await status_of(ws_url(p, f"{session_id}-db0"), bearer("tok"))
+        return got, other[0]
+
+    got, other = asyncio.run(main())
+    assert got == '"through auth"'
+    assert other == 403
+    assert r.ttl(f"session:{session_id}:auth") > 0
+    assert "s3cret-pw" not in p.log()
+
+
+def test_wrong_redis_password_is_unhealthy_and_says_why(make_redis, make_proxy):
+    server = make_redis(password="right-pw")
+    p = make_proxy(f"redis://:wrong-pw@127.0.0.1:{server.port}", wait_healthy=False)
+    wait_for(lambda: "redis_connect_failed" in p.log(), 5, "the failure logged")
+    assert p.get("/health")[0] == 503
+    assert "wrong-pw" not in p.log()
+    assert p.proc.poll() is None
