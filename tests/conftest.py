@@ -62,7 +62,8 @@ async def close_codes(sockets, timeout: float = 10.0) -> list:
 class RedisServer:
     """A redis-server process of our own on a free port; can be killed and restarted."""
 
-    def __init__(self, port: int | None = None, password: str | None = None) -> None:
+    def __init__(self, port: int | None = None, password: str | None = None,
+                 tls: bool = False, unix_socket: bool = False) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail("redis-server is not on PATH: install it (apt-get install -y redis-server)"
@@ -70,8 +71,25 @@ class RedisServer:
         self.binary = binary
         self.port = port or free_port()
         self.password = password
+        self.dir = Path(tempfile.mkdtemp(prefix="redis-test-"))
         auth = f":{password}@" if password else ""
         self.url = f"redis://{auth}127.0.0.1:{self.port}"
+        self.extra: list[str] = []
+        self.tls_port: int | None = None
+        self.cert: Path | None = None
+        if tls:
+            self.cert = self._make_certificate()
+            self.tls_port = free_port()
+            self.extra += ["--tls-port", str(self.tls_port), "--tls-cert-file", str(self.cert),
+                           "--tls-key-file", str(self.dir / "key.pem"),
+                           "--tls-ca-cert-file", str(self.cert), "--tls-auth-clients", "no"]
+            self.tls_url = (f"rediss://{auth}127.0.0.1:{self.tls_port}"
+                            f"?ssl_ca_certs={self.cert}")
+        self.socket_path: Path | None = None
+        if unix_socket:
+            self.socket_path = self.dir / "redis.sock"
+            self.extra += ["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
+            self.unix_url = f"unix://{self.socket_path}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
@@ -80,9 +98,21 @@ class RedisServer:
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning",
              "--enable-debug-command", "local",
-             *(["--requirepass", self.password] if self.password else [])],
+             *(["--requirepass", self.password] if self.password else []), *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(self._pings, 10, f"redis-server on port {self.port}")
+
+    def _make_certificate(self) -> Path:
+        """A self-signed certificate for 127.0.0.1, made with the openssl command."""
+        if shutil.which("openssl") is None:
+            pytest.fail("the openssl command is needed for the TLS test (apt-get install -y "
+                        "openssl)", pytrace=False)
+        cert = self.dir / "cert.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-keyout", str(self.dir / "key.pem"), "-out", str(cert),
+                        "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                       check=True, capture_output=True, timeout=60)
+        return cert
 
     def _pings(self) -> bool:
         try:
@@ -109,6 +139,7 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class Proxy:
@@ -187,8 +218,9 @@ def make_redis() -> Iterator:
     """Start extra redis-servers a test may kill; all stopped afterwards."""
     started: list[RedisServer] = []
 
-    def make(port: int | None = None, password: str | None = None) -> RedisServer:
-        server = RedisServer(port, password)
+    def make(port: int | None = None, password: str | None = None, tls: bool = False,
+             unix_socket: bool = False) -> RedisServer:
+        server = RedisServer(port, password, tls, unix_socket)
         started.append(server)
         return server
 

@@ -338,3 +338,13 @@ def test_display_never_contains_any_password(password: str) -> None:
     assert config.redis.password == password
     assert password not in config.redis.display
     assert config.redis.display == "redis://redis.example:6390/4"
+
+
+def test_rediss_query_parameters() -> None:
+    from wsproxy.config import parse_redis_url
+
+    a = parse_redis_url("rediss://h:6380/1?ssl_ca_certs=%2Fetc%2Fca.pem")
+    assert (a.scheme, a.tls_ca_file, a.tls_verify, a.db) == ("rediss", "/etc/ca.pem", True, 1)
+    assert parse_redis_url("rediss://h?ssl_cert_reqs=none").tls_verify is False
+    with pytest.raises(ValueError):
+        parse_redis_url("rediss://h?ssl_cert_reqs=maybe")

@@ -391,3 +391,37 @@ def test_wrong_redis_password_is_unhealthy_and_says_why(make_redis, make_proxy):
     assert p.get("/health")[0] == 503
     assert "wrong-pw" not in p.log()
     assert p.proc.poll() is None
+
+
+def _round_trip(p, server, session_id) -> str:
+    server.client().set(f"session:{session_id}:auth", "tok")
+
+    async def main():
+        async with websockets.connect(ws_url(p, session_id), additional_headers=bearer("tok")) \
+                as ws:
+            assert server.client().publish(f"session:{session_id}:down", '"hi"') == 1
+            return await asyncio.wait_for(ws.recv(), 5)
+
+    return asyncio.run(main())
+
+
+def test_redis_over_tls(make_redis, make_proxy, session_id):
+    """rediss:// with the CA given as ssl_ca_certs, as redis-py spells it."""
+    server = make_redis(tls=True)
+    p = make_proxy(server.tls_url)
+    assert _round_trip(p, server, session_id) == '"hi"'
+    assert "rediss://127.0.0.1" in p.log()
+
+
+def test_redis_over_tls_refuses_an_untrusted_certificate(make_redis, make_proxy):
+    server = make_redis(tls=True)
+    p = make_proxy(f"rediss://127.0.0.1:{server.tls_port}", wait_healthy=False)
+    wait_for(lambda: "redis_connect_failed" in p.log(), 5, "the failure logged")
+    assert "CERTIFICATE_VERIFY_FAILED" in p.log()
+    assert p.get("/health")[0] == 503
+
+
+def test_redis_over_a_unix_socket(make_redis, make_proxy, session_id):
+    server = make_redis(unix_socket=True)
+    p = make_proxy(server.unix_url)
+    assert _round_trip(p, server, session_id) == '"hi"'

@@ -30,6 +30,10 @@ class RedisAddress:
     username: str | None
     password: str | None
     db: int
+    # rediss:// only: a CA bundle to trust (else the system's), and whether to verify
+    # the server's certificate at all (``?ssl_cert_reqs=none`` turns it off).
+    tls_ca_file: str | None = None
+    tls_verify: bool = True
 
     @property
     def display(self) -> str:
@@ -41,7 +45,11 @@ class RedisAddress:
 
 
 def parse_redis_url(url: str) -> RedisAddress:
-    """Parse ``redis://[user:pass@]host[:port][/db]``, ``rediss://...`` or ``unix:///path``."""
+    """Parse ``redis://[user:pass@]host[:port][/db]``, ``rediss://...`` or ``unix:///path``.
+
+    ``rediss://`` takes redis-py's query parameters ``ssl_ca_certs=<path>`` and
+    ``ssl_cert_reqs=required|none``.
+    """
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in ("redis", "rediss", "unix"):
@@ -64,7 +72,12 @@ def parse_redis_url(url: str) -> RedisAddress:
         raise ValueError("invalid port")
     path = parts.path.strip("/")
     db = _db_number(path if path else query.get("db", "0"))
-    return RedisAddress(scheme, parts.hostname, port, "", username, password, db)
+    cert_reqs = unquote(query.get("ssl_cert_reqs", "required")).lower()
+    if cert_reqs not in ("required", "none"):
+        raise ValueError("ssl_cert_reqs must be required or none")
+    ca_file = unquote(query["ssl_ca_certs"]) if "ssl_ca_certs" in query else None
+    return RedisAddress(scheme, parts.hostname, port, "", username, password, db,
+                        tls_ca_file=ca_file, tls_verify=cert_reqs == "required")
 
 
 def _db_number(text: str) -> int:

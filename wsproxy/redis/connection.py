@@ -42,11 +42,20 @@ async def open_connection(
     if address.scheme == "unix":
         _, proto = await loop.create_unix_connection(protocol_factory, address.path)
     else:
-        context = ssl.create_default_context() if address.scheme == "rediss" else None
+        context = tls_context(address) if address.scheme == "rediss" else None
         _, proto = await loop.create_connection(
             protocol_factory, address.host, address.port, ssl=context
         )
     return proto
+
+
+def tls_context(address: RedisAddress) -> ssl.SSLContext:
+    """The client TLS context for a ``rediss://`` address."""
+    context = ssl.create_default_context(cafile=address.tls_ca_file)
+    if not address.tls_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def hello_commands(address: RedisAddress, select_db: bool) -> list[bytes]:
