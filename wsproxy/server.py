@@ -13,7 +13,6 @@ import logging
 import signal
 import socket
 import time
-from typing import Any
 
 import orjson
 
@@ -157,12 +156,6 @@ class Server:
             log_event(logging.WARNING, "redis_unavailable_at_start",
                       redis=self.config.redis.display, retrying=True)
 
-    @property
-    def port(self) -> int:
-        """The port actually listened on."""
-        assert self._server is not None
-        return int(self._server.sockets[0].getsockname()[1])
-
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT: first drain gracefully, a second closes at once."""
         loop = asyncio.get_running_loop()
@@ -215,12 +208,9 @@ class Server:
 
 
 async def run_server(config: Config, sock: socket.socket | None = None,
-                     slots: SharedSlots | None = None, worker: int = 0,
-                     started: Any = None) -> None:
-    """Start a server, serve until signalled, stop. ``started(server)`` is called once up."""
+                     slots: SharedSlots | None = None, worker: int = 0) -> None:
+    """Start a server, serve until signalled, stop."""
     server = Server(config, sock, slots, worker)
     server.install_signal_handlers()
     await server.start()
-    if started is not None:
-        started(server)
     await server.serve()
