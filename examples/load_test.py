@@ -386,7 +386,33 @@ async def _connect_worker(w: _Worker, url: str, sem: asyncio.Semaphore,
         return True
 
 
-class _PublishConn(asyncio.Protocol):
+class _RawRedisConn(asyncio.Protocol):
+    """What both raw Redis connections share: the transport, the FIFO of replies awaited
+    by command(), and closing. Subclasses parse the replies."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.pending: deque = deque()
+        self.lost: BaseException | str | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    async def command(self, *args: bytes | str) -> bytes:
+        """One command, waited for (hand-shake only); returns the reply."""
+        if self.lost is not None or self.transport is None:
+            raise ConnectionError(str(self.lost))
+        fut = asyncio.get_running_loop().create_future()
+        self.pending.append(fut)
+        self.transport.write(_resp(args))
+        return await fut
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _PublishConn(_RawRedisConn):
     """One Redis connection that pipelines PUBLISH without waiting for the replies.
 
     A tick's commands go out in one write(); the integer replies (receiver counts) are
@@ -397,19 +423,14 @@ class _PublishConn(asyncio.Protocol):
     """
 
     def __init__(self, stats: _Stats) -> None:
+        super().__init__()   # pending: futures (handshake replies) or [remaining] batches
         self.stats = stats
-        self.transport: asyncio.Transport | None = None
         self.buf = b""
-        self.pending: deque = deque()   # futures (handshake replies) or [remaining] batches
         self.inflight = 0
         self.max_inflight = 0
-        self.lost: BaseException | str | None = None
         self.idle: asyncio.Future | None = None
 
     # -- asyncio.Protocol
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-
     def data_received(self, data: bytes) -> None:
         buf = self.buf + data if self.buf else data
         pos = 0
@@ -468,15 +489,6 @@ class _PublishConn(asyncio.Protocol):
             self.idle.set_result(None)
 
     # -- API
-    async def command(self, *args: bytes | str) -> bytes:
-        """One command, waited for (hand-shake only); returns the reply line."""
-        if self.lost is not None or self.transport is None:
-            raise ConnectionError(str(self.lost))
-        fut = asyncio.get_running_loop().create_future()
-        self.pending.append(fut)
-        self.transport.write(_resp(args))
-        return await fut
-
     def publish_batch(self, blob: bytes, n: int) -> None:
         if self.lost is not None or self.transport is None:
             self.stats.publish_errors += n
@@ -495,10 +507,6 @@ class _PublishConn(asyncio.Protocol):
             except TimeoutError:
                 pass
 
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
 
 def _resp(args) -> bytes:
     out = [b"*%d\r\n" % len(args)]
@@ -508,7 +516,7 @@ def _resp(args) -> bytes:
     return b"".join(out)
 
 
-class _SubscribeConn(asyncio.Protocol):
+class _SubscribeConn(_RawRedisConn):
     """One Redis connection SUBSCRIBEd to every worker's `session:{sid}:up` (direction up).
 
     hiredis parses the replies; each message goes to its channel's worker (one dict look-up)
@@ -516,20 +524,15 @@ class _SubscribeConn(asyncio.Protocol):
     """
 
     def __init__(self, stats: _Stats) -> None:
+        super().__init__()   # pending: replies to command() (AUTH)
         self.stats = stats
         self.reader = _HiredisReader()
-        self.transport: asyncio.Transport | None = None
         self.by_channel: dict[bytes, _Worker] = {}
-        self.pending: deque[asyncio.Future] = deque()   # replies to command() (AUTH)
         self.unconfirmed = 0
         self.confirmed: asyncio.Future | None = None
-        self.lost: BaseException | str | None = None
         self.closed = False
 
     # -- asyncio.Protocol
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-
     def data_received(self, data: bytes) -> None:
         now = _now_ns()
         reader = self.reader
@@ -581,15 +584,6 @@ class _SubscribeConn(asyncio.Protocol):
             self.stats.sample(f"Redis subscriber connection lost: {self.lost}")
 
     # -- API
-    async def command(self, *args: bytes | str) -> bytes:
-        """One command, waited for (hand-shake only); the reply as `+...` or `-error`."""
-        if self.lost is not None or self.transport is None:
-            raise ConnectionError(str(self.lost))
-        fut = asyncio.get_running_loop().create_future()
-        self.pending.append(fut)
-        self.transport.write(_resp(args))
-        return await fut
-
     async def subscribe(self, workers: list[_Worker], timeout: float) -> None:
         """SUBSCRIBE every worker's :up channel, SUBSCRIBE_BATCH channels a command, one
         write; returns when Redis has confirmed every one of them."""
@@ -610,8 +604,7 @@ class _SubscribeConn(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
-        if self.transport is not None:
-            self.transport.close()
+        super().close()
 
 
 async def _open_publish_conn(redis_url: str, stats: _Stats) -> _PublishConn:
