@@ -146,6 +146,12 @@ def run_until_signal(coro: Coroutine[Any, Any, int], *, stopped: str = "Stopped.
                 raise
             print(stopped, file=sys.stderr, flush=True)
             return 0
+        finally:
+            # The work is done and the program is about to exit: a late signal must not
+            # kill it mid-teardown (the loop would restore the default action on close).
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, signal.SIG_IGN)
 
     if uvloop:
         try:

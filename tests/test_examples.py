@@ -87,9 +87,13 @@ class Running:
                                 f"exit={self.proc.poll()} output={self.lines}")
                 self.cond.wait(min(left, 0.2))
 
-    def interrupt(self, timeout: float = 10.0) -> int:
-        """Ctrl+C: SIGINT, then the exit code."""
+    def interrupt(self, timeout: float = 10.0, twice_after: float | None = None) -> int:
+        """Ctrl+C (twice, ``twice_after`` seconds apart, if given), then the exit code."""
         self.proc.send_signal(signal.SIGINT)
+        if twice_after is not None:
+            time.sleep(twice_after)
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGINT)
         return self.wait(timeout)
 
     def wait(self, timeout: float = 10.0) -> int:
@@ -325,8 +329,9 @@ def test_wrong_arguments_print_usage_and_exit_2(name, args):
     assert "Traceback" not in r.stderr and r.stdout == ""
 
 
+@pytest.mark.parametrize("twice_after", [None, 0.0, 0.01], ids=["once", "twice", "twice-10ms"])
 @pytest.mark.parametrize("which", ["publisher", "subscriber", "bidir"])
-def test_ctrl_c_exits_cleanly(redis_server, proxy, which):
+def test_ctrl_c_exits_cleanly(redis_server, proxy, which, twice_after):
     sid, token = uid(f"ex-sigint-{which}"), uid("tok")
     redis_server.client().set(f"session:{sid}:auth", token)
     env = example_env(redis_server.url, proxy.ws_url)
@@ -340,7 +345,7 @@ def test_ctrl_c_exits_cleanly(redis_server, proxy, which):
     with Running(*args, env=env) as p:
         p.wait_line(lambda line: line.startswith(ready), stream=stream)
         time.sleep(0.3)   # let it get into its waiting/sending loop
-        assert p.interrupt() == 0
+        assert p.interrupt(twice_after=twice_after) == 0
         err = p.text("stderr")
     assert "Traceback" not in err and "Error" not in err, err
 
