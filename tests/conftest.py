@@ -43,6 +43,19 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
         time.sleep(interval)
 
 
+class NullEvents:
+    """A SessionListener's event sink that ignores everything (in-process tests)."""
+
+    def connected(self, listener) -> None:
+        pass
+
+    def disconnected(self, listener) -> None:
+        pass
+
+    def too_slow(self, listener) -> None:
+        pass
+
+
 async def close_codes(sockets, timeout: float = 10.0) -> list:
     """For each websockets client, the close code the server sent next (``"message"``
     if a message came instead, None for a close without a CLOSE frame)."""

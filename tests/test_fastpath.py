@@ -10,21 +10,13 @@ from picows.picows import WSMsgType, _make_test_ws_frame
 
 from wsproxy import _fastpath
 
+from .conftest import NullEvents
+
 
 class _Owner:
     def connection_made(self, proto):
         pass
 
-
-class _Events:
-    def connected(self, listener):
-        pass
-
-    def disconnected(self, listener):
-        pass
-
-    def too_slow(self, listener):
-        pass
 
 
 def published_bytes(payloads: list[bytes], expect_len: int) -> bytes:
@@ -39,7 +31,7 @@ def published_bytes(payloads: list[bytes], expect_len: int) -> bytes:
         upstream = _fastpath.Upstream()
         upstream.proto = proto
         listener = _fastpath.SessionListener(upstream, b"session:s-1:up", 1, "s-1", "a",
-                                             _Events())
+                                             NullEvents())
         for payload in payloads:
             listener.on_ws_frame(None, _make_test_ws_frame(WSMsgType.TEXT, payload, True,
                                                            False))

@@ -12,20 +12,11 @@ from wsproxy.config import parse_redis_url
 from wsproxy.redis import PubSub
 from wsproxy.redis.pubsub import RESUBSCRIBE_BATCH
 
-
-class _Events:
-    def connected(self, listener):
-        pass
-
-    def disconnected(self, listener):
-        pass
-
-    def too_slow(self, listener):
-        pass
+from .conftest import NullEvents
 
 
 def listener(sid: str) -> SessionListener:
-    return SessionListener(Upstream(), f"session:{sid}:up".encode(), 1, sid, "a", _Events())
+    return SessionListener(Upstream(), f"session:{sid}:up".encode(), 1, sid, "a", NullEvents())
 
 
 async def started(url: str) -> PubSub:
