@@ -189,7 +189,7 @@ class PubSub(ReconnectingLink):
         self._expected.append(("reply", fut))
         proto.send(encode_command("PING"))
         try:
-            await asyncio.wait_for(fut, timeout)
+            await wait_until(fut, timeout)
             return True
         except (TimeoutError, RedisUnavailable):
             return False
