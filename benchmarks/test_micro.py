@@ -137,7 +137,7 @@ def test_downstream_dispatch_one_message(benchmark, socket_pair_listener):
     """One Redis ``message`` reply -> hiredis -> route lookup -> WebSocket frame to a socket."""
     loop, listener, _ = socket_pair_listener
     channel = b"session:s:down"
-    routes = {channel: _fastpath.Route(channel, None)}
+    routes = {channel: _fastpath.Route(channel)}
     routes[channel].listeners.append(listener)
     proto = _fastpath.PubSubProtocol(None, routes, lambda reply: None)
     payload = DOCS["small"]

@@ -6,6 +6,8 @@ import asyncio
 import socket
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from picows.picows import WSMsgType, _make_test_ws_frame
 
 from wsproxy import _fastpath
@@ -76,3 +78,16 @@ def test_pipelined_publishes_keep_their_order():
 def test_invalid_messages_are_not_published():
     expected = _fastpath.encode_publish(b"session:s-1:up", b"[1]")
     assert published_bytes([b"{bad", b"", b"NaN", b"[1]"], len(expected)) == expected
+
+
+@given(st.lists(st.one_of(st.binary(max_size=300), st.text(max_size=100),
+                          st.integers(min_value=-10**12, max_value=10**12)), max_size=8))
+def test_encode_command_is_resp_that_hiredis_reads_back(args):
+    """encode_command writes RESP by hand: hiredis (an independent parser) reads back
+    every argument, as bytes, and nothing more."""
+    import hiredis
+    reader = hiredis.Reader()
+    reader.feed(_fastpath.encode_command(*args))
+    expected = [a if isinstance(a, bytes) else str(a).encode() for a in args]
+    assert reader.gets() == expected
+    assert reader.gets() is False

@@ -58,7 +58,7 @@ cdef class Upstream:
 cdef class Route:
     cdef public bytes channel
     cdef public list listeners
-    cdef public object ready
+    cdef public list waiters  # called with None (subscribed) or the error, once
     cdef public bint subscribed
 
     cdef int deliver(self, bytes payload) except -1

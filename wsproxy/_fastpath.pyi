@@ -57,6 +57,7 @@ class RedisProtocol(asyncio.Protocol):
 
 class CommandProtocol(RedisProtocol):
     def request(self, command: bytes) -> Any: ...
+    def request_cb(self, command: bytes, callback: Callable[[Any], None]) -> None: ...
     def send_noreply(self, command: bytes) -> None: ...
     def fail_pending(self, exc: BaseException) -> None: ...
 
@@ -68,9 +69,9 @@ class Upstream:
 class Route:
     channel: bytes
     listeners: list[SessionListener]
-    ready: Any
+    waiters: list[Callable[[BaseException | None], None]]
     subscribed: bool
-    def __init__(self, channel: bytes, ready: Any) -> None: ...
+    def __init__(self, channel: bytes) -> None: ...
 
 class PubSubProtocol(RedisProtocol):
     on_control: Callable[[Any], None]

@@ -11,6 +11,7 @@ Nothing here awaits; everything that is not per message lives in plain Python.
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
+from cpython.object cimport PyCallable_Check
 from libc.string cimport memcpy, memset
 
 from picows.picows cimport WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
@@ -139,21 +140,59 @@ cdef inline int _append(bytearray buf, const char* data, Py_ssize_t size) except
     return 0
 
 
+cdef inline int _ndigits(size_t v) noexcept:
+    cdef int n = 1
+    while v >= 10:
+        v //= 10
+        n += 1
+    return n
+
+
+cdef inline int _resp_header(char* out, char kind, Py_ssize_t size) noexcept:
+    # "<kind><size>\r\n": '*' for an array, '$' for a bulk string.
+    cdef int n = _ndigits(<size_t>size), i
+    cdef size_t v = <size_t>size
+    out[0] = kind
+    for i in range(n, 0, -1):
+        out[i] = <char>(48 + v % 10)
+        v //= 10
+    out[n + 1] = 13
+    out[n + 2] = 10
+    return n + 3
+
+
 def encode_command(*args) -> bytes:
-    """RESP-encode one command; str arguments are UTF-8 encoded."""
-    cdef bytearray out = bytearray(b"*%d\r\n" % len(args))
+    """RESP-encode one command; str arguments are UTF-8 encoded, ints in decimal.
+
+    Sized first, then written into one bytes object: bytes %-formatting showed in
+    the handshake profile (three commands a handshake)."""
+    cdef list items = []
     cdef bytes item
+    cdef Py_ssize_t size, total = 3 + _ndigits(<size_t>len(args))
     for arg in args:
-        if isinstance(arg, str):
+        if type(arg) is bytes:
+            item = <bytes>arg
+        elif isinstance(arg, str):
             item = (<str>arg).encode()
         elif isinstance(arg, int):
-            item = b"%d" % arg
+            item = str(int(arg)).encode()
         else:
             item = bytes(arg)
-        out += b"$%d\r\n" % len(item)
-        out += item
-        out += b"\r\n"
-    return bytes(out)
+        items.append(item)
+        size = PyBytes_GET_SIZE(item)
+        total += 5 + _ndigits(<size_t>size) + size
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, total)
+    cdef char* p = PyBytes_AS_STRING(out)  # not shared yet: writing into it is safe
+    cdef Py_ssize_t pos = _resp_header(p, 42, len(items))
+    for item in items:
+        size = PyBytes_GET_SIZE(item)
+        pos += _resp_header(p + pos, 36, size)
+        memcpy(p + pos, PyBytes_AS_STRING(item), size)
+        pos += size
+        p[pos] = 13
+        p[pos + 1] = 10
+        pos += 2
+    return out
 
 
 def publish_prefix(bytes channel) -> bytes:
@@ -286,8 +325,9 @@ cdef class RedisProtocol:
 cdef class CommandProtocol(RedisProtocol):
     """The command connection: GET/EXPIRE/PUBLISH, replies matched FIFO.
 
-    A waiter is a future (a caller awaits the reply), ``None`` (fire and forget),
-    or the SessionListener that sent a PUBLISH (told if it failed).
+    A waiter is a future (a caller awaits the reply), a callable (called with the
+    reply, at once, from the read), ``None`` (fire and forget), or the
+    SessionListener that sent a PUBLISH (told if it failed).
     """
 
     def __init__(self, owner):
@@ -300,6 +340,13 @@ cdef class CommandProtocol(RedisProtocol):
         self.waiters.append(fut)
         self.write(PyBytes_AS_STRING(command), PyBytes_GET_SIZE(command))
         return fut
+
+    def request_cb(self, bytes command, callback):
+        """Send ``command``; call ``callback(reply)`` when it is answered. The reply
+        may be a ReplyError, or the exception that ended the connection first.
+        No future and no extra loop iteration: the handshake uses this."""
+        self.waiters.append(callback)
+        self.write(PyBytes_AS_STRING(command), PyBytes_GET_SIZE(command))
 
     def send_noreply(self, bytes command):
         """Send ``command`` and ignore its reply."""
@@ -318,7 +365,9 @@ cdef class CommandProtocol(RedisProtocol):
                 (<SessionListener>waiter)._send_error(ERR_UNAVAILABLE)
                 STATS.c[C_ERRORS_UPSTREAM_UNAVAILABLE] += 1
             return 0
-        if not waiter.done():
+        if PyCallable_Check(waiter):
+            _call_reply_callback(waiter, reply)
+        elif not waiter.done():
             waiter.set_result(reply)
         return 0
 
@@ -331,27 +380,25 @@ cdef class CommandProtocol(RedisProtocol):
             if type(waiter) is SessionListener:
                 (<SessionListener>waiter)._send_error(ERR_UNAVAILABLE)
                 STATS.c[C_ERRORS_UPSTREAM_UNAVAILABLE] += 1
+            elif PyCallable_Check(waiter):
+                _call_reply_callback(waiter, exc)
             elif not waiter.done():
                 waiter.set_exception(exc)
 
 
+cdef inline void _call_reply_callback(object callback, object reply):
+    # A callback runs inside the Redis connection's read: an exception escaping it
+    # would end the connection for everyone, so it is logged here instead.
+    try:
+        callback(reply)
+    except Exception:
+        import logging
+        logging.getLogger("wsproxy").exception("Redis reply callback failed")
+
+
 cdef inline int _bulk_header(char* out, Py_ssize_t size) noexcept:
     # "$<size>\r\n" without printf's format parsing (it showed in the upstream profile).
-    cdef char digits[24]
-    cdef int n = 0, i
-    cdef size_t v = <size_t>size
-    while True:
-        digits[n] = <char>(48 + v % 10)
-        n += 1
-        v //= 10
-        if v == 0:
-            break
-    out[0] = 36  # '$'
-    for i in range(n):
-        out[1 + i] = digits[n - 1 - i]
-    out[1 + n] = 13
-    out[2 + n] = 10
-    return n + 3
+    return _resp_header(out, 36, size)
 
 
 cdef class Upstream:
@@ -384,10 +431,10 @@ cdef class Upstream:
 cdef class Route:
     """One subscribed channel and the sockets of this process that receive it."""
 
-    def __init__(self, bytes channel, ready):
+    def __init__(self, bytes channel):
         self.channel = channel
         self.listeners = []
-        self.ready = ready
+        self.waiters = []
         self.subscribed = False
 
     cdef int deliver(self, bytes payload) except -1:

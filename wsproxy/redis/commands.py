@@ -9,6 +9,7 @@ the C-level handle the sockets hold.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from .._fastpath import CommandProtocol, Upstream, encode_command
@@ -59,6 +60,12 @@ class CommandClient(ReconnectingLink):
         if isinstance(reply, Exception):
             raise reply
         return reply
+
+    def execute_cb(self, callback: Callable[[Any], None], *args: Any) -> None:
+        """Send one command; ``callback(reply)`` runs when it is answered (an error
+        reply, or RedisUnavailable if the connection ends first, is the argument).
+        Raises RedisUnavailable at once if there is no connection."""
+        self._live().request_cb(encode_command(*args), callback)
 
     def execute_noreply(self, *args: Any) -> None:
         """Send one command whose reply nobody needs (EXPIRE after auth)."""

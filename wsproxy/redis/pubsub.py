@@ -13,9 +13,9 @@ After a reconnect every live channel is subscribed again, in batches.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from .._fastpath import PubSubProtocol, Route, SessionListener, encode_command
@@ -32,15 +32,11 @@ from .connection import (
 RESUBSCRIBE_BATCH = 500
 
 
-def _follow(waiter: asyncio.Future[None], ready: asyncio.Future[None]) -> None:
-    if waiter.done():
-        return
-    if ready.cancelled():
-        waiter.set_exception(RedisUnavailable("subscription abandoned"))
-    elif ready.exception() is not None:
-        waiter.set_exception(ready.exception())  # type: ignore[arg-type]
-    else:
-        waiter.set_result(None)
+def _notify(route: Route, error: BaseException | None) -> None:
+    """Tell everyone waiting for ``route``'s SUBSCRIBE how it went, once."""
+    waiters, route.waiters = route.waiters, []
+    for waiter in waiters:
+        waiter(error)
 
 
 class PubSub(ReconnectingLink):
@@ -83,7 +79,6 @@ class PubSub(ReconnectingLink):
                 self._expected.append(("subscribe", self.routes[channel]))
             proto.send(encode_command("SUBSCRIBE", *batch))
             # Redis answers in order: the PING's reply means the batch is acknowledged.
-            # (A route's own future may be cancelled meanwhile by its last socket leaving.)
             done = asyncio.get_running_loop().create_future()
             self._expected.append(("reply", done))
             proto.send(encode_command("PING"))
@@ -100,13 +95,9 @@ class PubSub(ReconnectingLink):
         for kind, target in expected:
             if kind == "reply" and target is not None and not target.done():
                 target.set_exception(error)
-        loop = asyncio.get_running_loop()
         for route in self.routes.values():
             route.subscribed = False
-            if not route.ready.done():
-                route.ready.set_exception(error)
-                route.ready.exception()  # retrieved: nobody may be waiting on it
-            route.ready = loop.create_future()
+            _notify(route, error)
 
     # control replies ----------------------------------------------------------
     def _on_control(self, reply: Any) -> None:
@@ -118,28 +109,25 @@ class PubSub(ReconnectingLink):
         if kind == "subscribe":
             route: Route = target
             if isinstance(reply, Exception):
-                if not route.ready.done():
-                    route.ready.set_exception(RedisUnavailable(f"SUBSCRIBE failed: {reply}"))
-                    route.ready.exception()
+                _notify(route, RedisUnavailable(f"SUBSCRIBE failed: {reply}"))
                 return
             # The ack may be for a route that was dropped meanwhile: harmless.
             route.subscribed = True
-            if not route.ready.done():
-                route.ready.set_result(None)
+            _notify(route, None)
         elif kind == "reply" and target is not None and not target.done():
             target.set_result(reply)
 
     # subscriptions ------------------------------------------------------------
     def attach(self, channel: bytes, listener: SessionListener) -> Route:
         """Register ``listener`` for ``channel`` *before* anything is sent to Redis,
-        subscribing if it is the channel's first socket. Await :meth:`wait_subscribed`
-        next. Raises RedisUnavailable if the connection is down."""
+        subscribing if it is the channel's first socket. Then wait for Redis' ack with
+        :meth:`when_subscribed`. Raises RedisUnavailable if the connection is down."""
         proto = self.proto
         if proto is None or not self.ready.is_set():
             raise RedisUnavailable("pub/sub connection is down")
         route = self.routes.get(channel)
         if route is None:
-            route = Route(channel, asyncio.get_running_loop().create_future())
+            route = Route(channel)
             self.routes[channel] = route
             route.listeners.append(listener)
             self._expected.append(("subscribe", route))
@@ -148,16 +136,43 @@ class PubSub(ReconnectingLink):
             route.listeners.append(listener)
         return route
 
+    @staticmethod
+    def when_subscribed(route: Route, callback: Callable[[BaseException | None], None]) -> bool:
+        """True if Redis already confirmed the route's SUBSCRIBE. Otherwise False, and
+        ``callback(None)`` runs once it does, or ``callback(error)`` if the
+        subscription fails or the connection drops first. A caller that gives up
+        takes its callback back with :meth:`forget_waiter`."""
+        if route.subscribed:
+            return True
+        route.waiters.append(callback)
+        return False
+
+    @staticmethod
+    def forget_waiter(route: Route, callback: Callable[[BaseException | None], None]) -> None:
+        """Undo :meth:`when_subscribed` (the caller timed out or its client left)."""
+        try:
+            route.waiters.remove(callback)
+        except ValueError:
+            pass
+
     async def wait_subscribed(self, route: Route, timeout: float) -> None:
         """Return once Redis confirmed the route's SUBSCRIBE; TimeoutError after
         ``timeout`` seconds, RedisUnavailable if the subscription failed."""
-        if route.subscribed:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def done(error: BaseException | None) -> None:
+            if not waiter.done():
+                if error is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(error)
+
+        if self.when_subscribed(route, done):
             return
-        # The route's future is shared by every socket of the session: wait on a
-        # future of our own that follows it, so a timeout here touches nobody else.
-        waiter = asyncio.get_running_loop().create_future()
-        route.ready.add_done_callback(functools.partial(_follow, waiter))
-        await wait_until(waiter, timeout)
+        try:
+            await wait_until(waiter, timeout)
+        finally:
+            self.forget_waiter(route, done)
 
     def detach(self, channel: bytes, listener: SessionListener) -> None:
         """Remove ``listener``; unsubscribe when it was the channel's last socket."""
@@ -171,8 +186,7 @@ class PubSub(ReconnectingLink):
         if route.listeners:
             return
         del self.routes[channel]
-        if not route.ready.done():
-            route.ready.cancel()
+        _notify(route, RedisUnavailable("subscription abandoned"))
         proto = self.proto
         # Also while the link is still setting up (not ready yet): a re-subscription
         # batch holding this channel may already be on its way.
