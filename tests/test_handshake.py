@@ -345,20 +345,43 @@ def test_max_connections_gives_503_before_redis_work(make_proxy, redis_server, s
     assert fourth == 101  # a slot freed by a close is usable again
 
 
-def test_request_picows_refuses_after_auth_leaks_no_subscription(proxy, redis_server,
-                                                                  session_id):
-    """A header value picows finds invalid passes the gate's own checks; picows answers
-    400 during the hand-over, after auth and SUBSCRIBE: the subscription must go."""
+def test_control_character_in_a_header_is_400_before_redis_work(proxy, redis_server,
+                                                               session_id):
+    """A header value with a control character is refused by the gate itself, before
+    the GET, the EXPIRE and the SUBSCRIBE (picows only sees a head the gate checked)."""
     r = redis_server.client()
     r.set(f"session:{session_id}:auth", "tok")
     head = upgrade_head(f"/agent1/ws/{session_id}",
                         "Authorization: Bearer tok\r\nX-Odd: a\x01b\r\n")
     answer = raw_request(proxy.port, head)
     assert answer.startswith(b"HTTP/1.1 400 ")
-    assert r.ttl(f"session:{session_id}:auth") > 0  # it did get past auth
-    wait_for(lambda: r.pubsub_numsub(f"session:{session_id}:down")[0][1] == 0, 5,
-             "the subscription released")
+    assert b"control character" in answer
+    assert r.ttl(f"session:{session_id}:auth") == -1  # refused before auth
+    assert r.pubsub_numsub(f"session:{session_id}:down")[0][1] == 0
     assert proxy.get("/health")[0] == 200
+
+
+def test_connection_header_with_keep_alive_and_upgrade_opens(proxy, redis_server, session_id):
+    """Firefox sends ``Connection: keep-alive, Upgrade``: a token list, which RFC 6455
+    allows. The upgrade must go through (101, a working socket), not be refused."""
+    from .rawws import RawWebSocket
+
+    r = redis_server.client()
+    r.set(f"session:{session_id}:auth", "tok")
+    raw = RawWebSocket.__new__(RawWebSocket)
+    raw.sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+    raw.buffer = b""
+    head = upgrade_head(f"/agent1/ws/{session_id}", "Authorization: Bearer tok\r\n")
+    raw.sock.sendall(head.replace(b"Connection: Upgrade", b"Connection: keep-alive, Upgrade"))
+    while b"\r\n\r\n" not in raw.buffer:
+        raw.buffer += raw.sock.recv(4096)
+    assert raw.buffer.startswith(b"HTTP/1.1 101 ")
+    raw.buffer = raw.buffer.partition(b"\r\n\r\n")[2]
+    wait_for(lambda: r.pubsub_numsub(f"session:{session_id}:down")[0][1] == 1, 5,
+             "the subscription")
+    r.publish(f"session:{session_id}:down", '{"hi":1}')
+    assert raw.read_frame() == (0x1, b'{"hi":1}')
+    raw.close()
 
 
 def test_redis_with_a_password_and_a_database(make_redis, make_proxy, session_id):

@@ -123,6 +123,31 @@ def test_bad_header_line(header: bytes) -> None:
         parse_request_head(b"GET / HTTP/1.1\r\nUser-Agent: t\r\n" + header)
 
 
+@pytest.mark.parametrize("bad", [b"a\x01b", b"a\x00", b"a\x7fb", b"a\nX-Smuggled: 1",
+                                 b"a\rb", b"\x1b[31m"])
+def test_control_characters_in_a_header_are_rejected(bad: bytes) -> None:
+    with pytest.raises(BadRequest, match="control character"):
+        parse_request_head(b"GET / HTTP/1.1\r\nX-Odd: " + bad + b"\r\nHost: x")
+
+
+def test_tab_and_latin1_in_header_values_are_kept() -> None:
+    headers = parse_request_head(b"GET / HTTP/1.1\r\nX-A: a\tb\r\nX-B: caf\xe9").headers
+    assert headers == {"x-a": "a\tb", "x-b": "caf\u00e9"}
+
+
+def test_repeated_content_length_is_rejected() -> None:
+    with pytest.raises(BadRequest, match="Content-Length"):
+        parse_request_head(b"GET / HTTP/1.1\r\nContent-Length: 0\r\ncontent-length: 5")
+
+
+def test_more_than_128_headers_is_431() -> None:
+    many = b"".join(b"\r\nX-%d: v" % i for i in range(129))
+    with pytest.raises(BadRequest) as caught:
+        parse_request_head(b"GET / HTTP/1.1" + many)
+    assert caught.value.status == 431
+    assert len(parse_request_head(b"GET / HTTP/1.1" + many[:many.rindex(b"\r\n")]).headers) == 128
+
+
 @pytest.mark.parametrize("fold", [b" continued", b"\tcontinued", b" x: y"])
 def test_obs_fold_is_rejected(fold: bytes) -> None:
     with pytest.raises(BadRequest):

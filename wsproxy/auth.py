@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import enum
 import hmac
+from typing import Any
 from urllib.parse import parse_qsl
 
 import hiredis
-
-from .redis import CommandClient, RedisUnavailable
 
 
 class AuthResult(enum.Enum):
@@ -44,26 +43,16 @@ def auth_key(session_id: str) -> str:
     return f"session:{session_id}:auth"
 
 
-async def check_token(
-    redis: CommandClient, session_id: str, token: str, timeout: float, grace_secs: int
-) -> AuthResult:
-    """GET the session's token and compare; on a match, EXPIRE it to the grace period."""
-    key = auth_key(session_id)
-    try:
-        stored = await redis.execute("GET", key, timeout=timeout)
-    except TimeoutError:
-        return AuthResult.TIMEOUT
-    except RedisUnavailable:
-        return AuthResult.UNAVAILABLE
-    except hiredis.ReplyError as exc:
+def auth_result(reply: Any, token: str) -> AuthResult:
+    """What Redis' answer to ``GET session:{sid}:auth`` means for ``token``: OK,
+    FORBIDDEN, or UNAVAILABLE (an error reply, or the connection's end)."""
+    if isinstance(reply, hiredis.ReplyError):
         # A key that holds no string cannot hold a token; any other error
         # (LOADING, NOAUTH, ...) means Redis cannot answer now.
-        return AuthResult.FORBIDDEN if str(exc).startswith("WRONGTYPE") else (
+        return AuthResult.FORBIDDEN if str(reply).startswith("WRONGTYPE") else (
             AuthResult.UNAVAILABLE)
-    if not isinstance(stored, bytes) or not hmac.compare_digest(stored, token.encode()):
-        return AuthResult.FORBIDDEN
-    try:
-        redis.execute_noreply("EXPIRE", key, grace_secs)
-    except RedisUnavailable:
+    if isinstance(reply, BaseException):
         return AuthResult.UNAVAILABLE
+    if not isinstance(reply, bytes) or not hmac.compare_digest(reply, token.encode()):
+        return AuthResult.FORBIDDEN
     return AuthResult.OK

@@ -26,8 +26,8 @@ import orjson
 from picows import WSAutoPingStrategy
 from picows.picows import WSProtocol  # type: ignore[attr-defined]  # internal API, see above
 
-from ._fastpath import SessionListener
-from .auth import AuthResult, check_token, token_from_request
+from ._fastpath import Route, SessionListener
+from .auth import AuthResult, auth_key, auth_result, token_from_request
 from .log import log_event
 from .redis import RedisUnavailable
 from .session import down_channel, up_channel
@@ -40,16 +40,30 @@ _ID = re.compile(r"[A-Za-z0-9._~-]{1,128}")
 _WS_PATH = re.compile(r"/([^/]*)/ws/([^/]*)")
 _HTTP1_VERSION = re.compile(r"HTTP/1\.[0-9]")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 field-name
+# Control characters other than HTAB (CR and LF count outside a CRLF): never in a head.
+_CONTROL = bytes(range(0, 9)) + bytes(range(10, 32)) + b"\x7f"
+MAX_HEADERS = 128
 # An adapter, not a Logger: picows builds a child Logger per connection from a Logger
 # (memory and time per socket), but uses an adapter as it is.
 _PICOWS_LOGGER = logging.LoggerAdapter(logging.getLogger("picows.server"), {})
 # picows' read buffer starts at this size and grows for larger frames; a small start
 # keeps idle sockets cheap.
 _READ_BUFFER_INIT = 4096
+# What picows is given to negotiate: the gate has checked the client's own head.
+_REPLAY_HEAD = (b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: ")
 
 
 class BadRequest(ValueError):
     """The request head is not HTTP/1.1 we can read; the message says why."""
+
+    status = 400
+
+
+class TooManyHeaders(BadRequest):
+    """More header lines than any WebSocket client sends."""
+
+    status = 431
 
 
 @dataclass
@@ -65,11 +79,13 @@ class Request:
 
 def parse_request_head(head: bytes) -> Request:
     """Parse a request line and headers (without the final CRLF CRLF)."""
-    try:
-        text = head.decode("latin-1")
-    except UnicodeDecodeError as exc:  # pragma: no cover - latin-1 decodes anything
-        raise BadRequest("undecodable request head") from exc
+    flat = head.replace(b"\r\n", b"")
+    if len(flat.translate(None, _CONTROL)) != len(flat):  # two C passes, no regex
+        raise BadRequest("control character in the request head")
+    text = head.decode("latin-1")
     lines = text.split("\r\n")
+    if len(lines) > MAX_HEADERS + 1:
+        raise TooManyHeaders(f"more than {MAX_HEADERS} headers")
     parts = lines[0].split(" ")
     if len(parts) != 3 or not parts[0] or not parts[1]:
         raise BadRequest("malformed request line")
@@ -83,7 +99,12 @@ def parse_request_head(head: bytes) -> Request:
         name, sep, value = line.partition(":")
         if not sep or not _TOKEN.fullmatch(name):
             raise BadRequest("malformed header line")
-        headers.setdefault(name.lower(), value.strip(" \t"))
+        name = name.lower()
+        if name in headers:
+            if name == "content-length":
+                raise BadRequest("repeated Content-Length")
+            continue
+        headers[name] = value.strip(" \t")
     path, _, query = target.partition("?")
     return Request(method, path, query, version, headers)
 
@@ -131,17 +152,42 @@ def error_body(message: str) -> bytes:
     return orjson.dumps({"error": message})
 
 
+# Where a gate is in its connection's life.
+_READING = 0       # waiting for the complete request head
+_AUTH = 1          # GET session:{sid}:auth sent, waiting for the reply
+_SUBSCRIBING = 2   # SUBSCRIBE sent, waiting for Redis' confirmation
+_DONE = 3          # answered, handed over, or abandoned
+
+
 class Gate(asyncio.Protocol):
-    """One TCP connection until it is answered or handed over to picows."""
+    """One TCP connection until it is answered or handed over to picows.
+
+    The handshake is a chain of callbacks, not a task: the request head is handled
+    in ``data_received``, the auth reply and the subscription ack call back from
+    the Redis connections' reads, and a single timer at a time bounds each wait.
+    """
+
+    __slots__ = ("server", "transport", "buffer", "timer", "state", "lost", "head_end",
+                 "started", "deadline", "session_id", "agent_id", "token", "ws_key",
+                 "listener", "route", "channel")
 
     def __init__(self, server: Server) -> None:
         self.server = server
         self.transport: Any = None
         self.buffer = bytearray()
-        self.task: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
-        self.handed_over = False
+        self.state = _READING
         self.lost = False
+        self.head_end = 0
+        self.started = 0.0
+        self.deadline = 0.0
+        self.session_id = ""
+        self.agent_id = ""
+        self.token: str | None = None
+        self.ws_key = b""
+        self.listener: SessionListener | None = None
+        self.route: Route | None = None
+        self.channel = b""
 
     # asyncio.Protocol ------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
@@ -149,42 +195,46 @@ class Gate(asyncio.Protocol):
         # A client that sends nothing, or trickles its head, is dropped after the
         # handshake timeout.
         self.timer = asyncio.get_running_loop().call_later(
-            self.server.config.handshake_timeout_secs, self._head_timeout)
+            self.server.config.handshake_timeout_secs, self._on_timeout)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        if self.task is not None:
+        if self.state != _READING:
             return
         end = self.buffer.find(b"\r\n\r\n")
         if end < 0:
             if len(self.buffer) >= MAX_HEAD_BYTES:
                 self._finish(431, error_body("request head too large"))
+                self.state = _DONE
             return
         if end + 4 > MAX_HEAD_BYTES:
             self._finish(431, error_body("request head too large"))
+            self.state = _DONE
             return
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self._cancel_timer()
         # Hold further bytes in the kernel while auth runs: memory stays bounded.
         self.transport.pause_reading()
-        self.task = asyncio.get_running_loop().create_task(self._handle(end))
+        self.head_end = end
+        self.state = _DONE  # until a handshake starts
+        try:
+            self._route()
+        except Exception:  # noqa: BLE001 - the process must not die for one request
+            self._internal_error()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        self._cancel_timer()
+        if self.state == _SUBSCRIBING and self.route is not None:
+            self.server.pubsub.forget_waiter(self.route, self._on_subscribed)
+        if self.state in (_AUTH, _SUBSCRIBING):
+            self._end()  # a reply that comes later finds the gate done
+
+    # answering -------------------------------------------------------------------
+    def _cancel_timer(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
 
-    def _head_timeout(self) -> None:
-        self.timer = None
-        if self.task is None and not self.lost:
-            log_event(logging.INFO, "handshake_timeout", received=len(self.buffer))
-            self.transport.abort()
-
-    # answering -------------------------------------------------------------------
     def _finish(self, status: int, body: bytes, content_type: str = "application/json",
                 extra_headers: tuple[tuple[str, str], ...] = ()) -> None:
         if self.lost or self.transport.is_closing():
@@ -192,22 +242,61 @@ class Gate(asyncio.Protocol):
         self.transport.write(http_response(status, body, content_type, extra_headers))
         self.transport.close()
 
-    async def _handle(self, head_end: int) -> None:
-        try:
-            await self._route(head_end)
-        except asyncio.CancelledError:
-            pass  # the client went away; _handshake cleaned up after itself
-        except Exception:  # noqa: BLE001 - the process must not die for one request
-            logging.getLogger("wsproxy").exception("request handling failed")
-            self.server.metrics.count_error("internal")
-            self._finish(500, error_body("internal error"))
+    def _internal_error(self) -> None:
+        logging.getLogger("wsproxy").exception("request handling failed")
+        self.server.metrics.count_error("internal")
+        self._finish(500, error_body("internal error"))
+        if self.state in (_AUTH, _SUBSCRIBING):
+            self._end()
 
-    async def _route(self, head_end: int) -> None:
+    def _reject(self, status: int, message: str, reason: str,
+                extra: tuple[tuple[str, str], ...] = ()) -> None:
+        """Refuse the upgrade with ``status``; counted, logged, answered."""
+        self.server.metrics.connection_result(status)
+        log_event(logging.INFO, "handshake_rejected", session_id=self.session_id,
+                  agent_id=self.agent_id, status=status, reason=reason)
+        self._finish(status, error_body(message), extra_headers=extra)
+
+    def _fail(self, status: int, message: str, reason: str) -> None:
+        """Refuse a handshake already under way, and release what it holds."""
+        self._reject(status, message, reason)
+        self._end()
+
+    def _end(self) -> None:
+        """The handshake is over (upgraded, refused or abandoned): stop counting it,
+        and unsubscribe unless picows took the listener."""
+        self.state = _DONE
+        self._cancel_timer()
+        self.token = None
+        server = self.server
+        server.connections.handshaking -= 1
+        if self.listener is not None:
+            server.pubsub.detach(self.channel, self.listener)
+            self.listener = None
+        self.route = None
+
+    def _on_timeout(self) -> None:
+        self.timer = None
+        state = self.state
+        if state == _READING:
+            if not self.lost:
+                log_event(logging.INFO, "handshake_timeout", received=len(self.buffer))
+                self.state = _DONE
+                self.transport.abort()
+        elif state == _AUTH:
+            self._fail(504, "auth timed out waiting for Redis", "auth_timeout")
+        elif state == _SUBSCRIBING:
+            if self.route is not None:
+                self.server.pubsub.forget_waiter(self.route, self._on_subscribed)
+            self._fail(504, "subscription timed out", "subscribe_timeout")
+
+    # routing ---------------------------------------------------------------------
+    def _route(self) -> None:
         server = self.server
         try:
-            request = parse_request_head(bytes(self.buffer[:head_end]))
+            request = parse_request_head(bytes(self.buffer[:self.head_end]))
         except BadRequest as exc:
-            self._finish(400, error_body(str(exc)))
+            self._finish(exc.status, error_body(str(exc)))
             return
         path = request.path
         if path in ("/health", "/ready", "/metrics"):
@@ -236,95 +325,137 @@ class Gate(asyncio.Protocol):
             self._finish(400, error_body(
                 "agent_id and session_id must be 1-128 characters of A-Z a-z 0-9 . _ ~ -"))
             return
-        await self._handshake(request, agent_id, session_id)
+        self.agent_id = agent_id
+        self.session_id = session_id
+        self._start_handshake(request)
 
-    async def _handshake(self, request: Request, agent_id: str, session_id: str) -> None:
+    # the handshake: token, GET, EXPIRE, SUBSCRIBE, ack, 101 -------------------------
+    def _start_handshake(self, request: Request) -> None:
         server = self.server
         config = server.config
-        metrics = server.metrics
         table = server.connections
-        started = time.monotonic()
-        deadline = started + config.handshake_timeout_secs
-
-        def reject(status: int, message: str, reason: str,
-                   extra: tuple[tuple[str, str], ...] = ()) -> None:
-            metrics.connection_result(status)
-            log_event(logging.INFO, "handshake_rejected", session_id=session_id,
-                      agent_id=agent_id, status=status, reason=reason)
-            self._finish(status, error_body(message), extra_headers=extra)
+        self.started = time.monotonic()
+        self.deadline = self.started + config.handshake_timeout_secs
 
         problem = upgrade_problem(request)
         if problem is not None:
             status, message = problem
             extra = (("Sec-WebSocket-Version", "13"),) if status == 426 else ()
-            reject(status, message, "bad_upgrade", extra)
+            self._reject(status, message, "bad_upgrade", extra)
             return
         if server.draining:
-            reject(503, "shutting down", "draining")
+            self._reject(503, "shutting down", "draining")
             return
         if table.count >= config.max_connections:
-            reject(503, "too many connections", "max_connections")
+            self._reject(503, "too many connections", "max_connections")
             return
         token = token_from_request(request.headers.get("authorization"), request.query)
         if token is None:
-            reject(401, "missing bearer token", "no_token",
-                   (("WWW-Authenticate", 'Bearer realm="wsproxy"'),))
+            self._reject(401, "missing bearer token", "no_token",
+                         (("WWW-Authenticate", 'Bearer realm="wsproxy"'),))
             return
 
+        self.ws_key = request.headers["sec-websocket-key"].encode("latin-1")
+        self.token = token
+        self.state = _AUTH
         table.handshaking += 1
-        listener: SessionListener | None = None
-        channel = down_channel(session_id)
         try:
-            result = await check_token(server.command, session_id, token,
-                                       config.auth_timeout_secs, config.auth_grace_period_secs)
-            del token
-            if result is AuthResult.FORBIDDEN:
-                reject(403, "invalid token", "auth_failed")
-                return
-            if result is AuthResult.TIMEOUT:
-                reject(504, "auth timed out waiting for Redis", "auth_timeout")
-                return
-            if result is AuthResult.UNAVAILABLE:
-                reject(503, "Redis unavailable", "redis_unavailable")
-                return
+            server.command.execute_cb(self._on_auth_reply, "GET", auth_key(self.session_id))
+        except RedisUnavailable:
+            self._fail(503, "Redis unavailable", "redis_unavailable")
+            return
+        self.timer = asyncio.get_running_loop().call_later(
+            min(config.auth_timeout_secs, config.handshake_timeout_secs), self._on_timeout)
 
-            listener = SessionListener(server.command.upstream, up_channel(session_id),
-                                       table.next_conn_id(), session_id, agent_id, table)
-            # Registered in the router *before* SUBSCRIBE is sent: a message that
-            # arrives between the ack and the 101 waits in the listener.
-            try:
-                route = server.pubsub.attach(channel, listener)
-            except RedisUnavailable:
-                listener = None
-                reject(503, "Redis unavailable", "redis_unavailable")
-                return
-            try:
-                await server.pubsub.wait_subscribed(route,
-                                                    max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                reject(504, "subscription timed out", "subscribe_timeout")
-                return
-            except RedisUnavailable:
-                reject(503, "Redis unavailable", "subscribe_failed")
-                return
-            if self.lost or self.transport.is_closing():
-                return
-            if not self._hand_over(listener):
-                metrics.connection_result(400)
-                log_event(logging.INFO, "handshake_rejected", session_id=session_id,
-                          agent_id=agent_id, status=400, reason="picows_rejected")
-                return
-            listener = None  # picows owns it now; on_ws_disconnected detaches it
-            metrics.connection_result(101)
-            metrics.observe_handshake(time.monotonic() - started)
-        finally:
-            table.handshaking -= 1
-            if listener is not None:
-                server.pubsub.detach(channel, listener)
+    def _on_auth_reply(self, reply: Any) -> None:
+        if self.state != _AUTH:
+            return  # timed out, or the client left
+        try:
+            self._after_auth(reply)
+        except Exception:  # noqa: BLE001 - the process must not die for one request
+            self._internal_error()
+
+    def _after_auth(self, reply: Any) -> None:
+        server = self.server
+        self._cancel_timer()
+        token, self.token = self.token, None
+        result = auth_result(reply, token or "")
+        if result is AuthResult.FORBIDDEN:
+            self._fail(403, "invalid token", "auth_failed")
+            return
+        if result is not AuthResult.OK:
+            self._fail(503, "Redis unavailable", "redis_unavailable")
+            return
+        session_id = self.session_id
+        try:
+            server.command.execute_noreply("EXPIRE", auth_key(session_id),
+                                           server.config.auth_grace_period_secs)
+        except RedisUnavailable:
+            self._fail(503, "Redis unavailable", "redis_unavailable")
+            return
+        if self.lost or self.transport.is_closing():
+            self._end()
+            return
+        table = server.connections
+        listener = SessionListener(server.command.upstream, up_channel(session_id),
+                                   table.next_conn_id(), session_id, self.agent_id, table)
+        channel = down_channel(session_id)
+        # Registered in the router *before* SUBSCRIBE is sent: a message that
+        # arrives between the ack and the 101 waits in the listener.
+        try:
+            route = server.pubsub.attach(channel, listener)
+        except RedisUnavailable:
+            self._fail(503, "Redis unavailable", "redis_unavailable")
+            return
+        self.listener = listener
+        self.channel = channel
+        self.route = route
+        if server.pubsub.when_subscribed(route, self._on_subscribed):
+            self._upgrade()  # another socket of the session is already subscribed
+            return
+        self.state = _SUBSCRIBING
+        self.timer = asyncio.get_running_loop().call_later(
+            max(0.0, self.deadline - time.monotonic()), self._on_timeout)
+
+    def _on_subscribed(self, error: BaseException | None) -> None:
+        if self.state != _SUBSCRIBING:
+            return
+        try:
+            self._cancel_timer()
+            if error is not None:
+                self._fail(503, "Redis unavailable", "subscribe_failed")
+            else:
+                self._upgrade()
+        except Exception:  # noqa: BLE001 - the process must not die for one request
+            self._internal_error()
+
+    def _upgrade(self) -> None:
+        listener = self.listener
+        assert listener is not None
+        if self.lost or self.transport.is_closing():
+            self._end()
+            return
+        metrics = self.server.metrics
+        if not self._hand_over(listener):
+            metrics.connection_result(400)
+            log_event(logging.INFO, "handshake_rejected", session_id=self.session_id,
+                      agent_id=self.agent_id, status=400, reason="picows_rejected")
+            self._end()
+            return
+        self.listener = None  # picows owns it now; on_ws_disconnected detaches it
+        metrics.connection_result(101)
+        metrics.observe_handshake(time.monotonic() - self.started)
+        self._end()
 
     # the hand-over ---------------------------------------------------------------
     def _hand_over(self, listener: SessionListener) -> bool:
-        """Give the transport to picows and replay the request; True if it upgraded."""
+        """Give the transport to picows and replay the request; True if it upgraded.
+
+        The gate has already checked every header, so picows is given the smallest
+        request that says the same about the upgrade (its own parse of the client's
+        full head showed in profiles): the key, and whatever the client sent after
+        the head (early frames).
+        """
         config = self.server.config
         transport = self.transport
         proto = WSProtocol(
@@ -342,11 +473,15 @@ class Gate(asyncio.Protocol):
             None,                 # extra_headers
             _READ_BUFFER_INIT,
         )
-        self.handed_over = True
         transport.set_protocol(proto)
         proto.connection_made(transport)
+        replay = bytearray(_REPLAY_HEAD)
+        replay += self.ws_key
+        replay += b"\r\n\r\n"
+        replay += memoryview(self.buffer)[self.head_end + 4:]
+        self.buffer = bytearray()
         # WSProtocol has no data_received: replay through the buffered interface.
-        data = memoryview(self.buffer)
+        data = memoryview(replay)
         offset = 0
         try:
             while offset < len(data):
@@ -361,7 +496,6 @@ class Gate(asyncio.Protocol):
                     break
         finally:
             data.release()
-            self.buffer = bytearray()
         transport.resume_reading()
         # on_ws_disconnected never fires for a connection picows refused.
         return bool(listener.connected)
