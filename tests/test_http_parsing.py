@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import io
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -385,3 +386,67 @@ def test_http_response_extra_headers_and_content_type() -> None:
 def test_http_response_reason_phrase(status: int, reason: str) -> None:
     status_line = http_response(status, b"").split(b"\r\n", 1)[0]
     assert status_line == f"HTTP/1.1 {status} {reason}".encode()
+
+
+# ---------------------------------------------------------------------------
+# parse_head (compiled) against a plain-Python statement of the same rules
+
+_REF_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_REF_VERSION = re.compile(r"HTTP/1\.[0-9]")
+
+
+def reference_parse(head: bytes) -> tuple[str, str, str, dict[str, str]] | str:
+    """The head rules written the obvious way: the result, or the error message."""
+    text = head.decode("latin-1")
+    if re.search(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n", text):
+        return "control character in the request head"
+    lines = text.split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[0] or not parts[1]:
+        return "malformed request line"
+    method, target, version = parts
+    if not _REF_VERSION.fullmatch(version):
+        return "unsupported HTTP version"
+    if not target.startswith("/"):
+        return "request target must be a path"
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep or not _REF_TOKEN.fullmatch(name):
+            return "malformed header line"
+        name = name.lower()
+        if name in headers:
+            if name == "content-length":
+                return "repeated Content-Length"
+            continue
+        headers[name] = value.strip(" \t")
+    return method, target, version, headers
+
+
+_HEAD_PIECES = st.sampled_from([
+    b"GET", b"HEAD", b" ", b"/", b"/a/ws/b?x=1", b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2",
+    b"\r\n", b"Host", b"Content-Length", b"content-length", b":", b": ", b"\t", b"x",
+    b"V a l", b"\xe9", b"\x00", b"\x01", b"\r", b"\n", b"\x7f", b"(", b"0",
+])
+
+
+@settings(max_examples=3000)
+@given(st.lists(_HEAD_PIECES, max_size=30).map(b"".join) | st.binary(max_size=60))
+def test_parse_head_follows_the_reference_rules(head: bytes) -> None:
+    from wsproxy._fastpath import HeadError, parse_head
+    expected = reference_parse(head)
+    if isinstance(expected, str):
+        with pytest.raises(HeadError) as caught:
+            parse_head(head)
+        assert str(caught.value) == expected
+    else:
+        assert parse_head(head) == expected
+
+
+@pytest.mark.parametrize("head", [
+    upgrade_head(),
+    b"GET /a/ws/b?access_token=t HTTP/1.1\r\nX-Empty:\r\nX-Pad: \t v \t\r\nHOST: h\r\nhost: 2",
+])
+def test_parse_head_matches_the_reference_on_real_heads(head: bytes) -> None:
+    from wsproxy._fastpath import parse_head
+    assert parse_head(head) == reference_parse(head)

@@ -12,7 +12,8 @@ Nothing here awaits; everything that is not per message lives in plain Python.
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from cpython.object cimport PyCallable_Check
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
+from cpython.unicode cimport PyUnicode_DecodeLatin1
 
 from picows.picows cimport WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
@@ -128,6 +129,98 @@ def set_clock(double now) -> None:
     """Advance the coarse clock that frames stamp as their socket's last activity."""
     global g_now
     g_now = now
+
+
+# ---------------------------------------------------------------------------
+# HTTP request heads (the gate's first step for every connection)
+
+class HeadError(ValueError):
+    """A request head that is not HTTP/1.x we can read; the message says why."""
+
+
+cdef unsigned char _TOKEN_CHAR[256]   # RFC 9110 tchar
+cdef unsigned char _CONTROL_CHAR[256]  # CTLs but HTAB; CR and LF count outside a CRLF
+cdef int _c
+for _c in range(256):
+    _TOKEN_CHAR[_c] = (48 <= _c <= 57 or 65 <= _c <= 90 or 97 <= _c <= 122
+                       or _c in b"!#$%&'*+-.^_`|~")
+    _CONTROL_CHAR[_c] = (_c < 32 and _c != 9) or _c == 127
+
+
+cdef inline Py_ssize_t _line_end(const unsigned char* p, Py_ssize_t start, Py_ssize_t n) noexcept:
+    # Index of the next CRLF at or after start, or n.
+    cdef Py_ssize_t i
+    for i in range(start, n - 1):
+        if p[i] == 13 and p[i + 1] == 10:
+            return i
+    return n
+
+
+def parse_head(bytes head):
+    """Split a request head (without its final CRLF CRLF) into
+    ``(method, target, version, headers)``; header names lower-case, the first of
+    repeated headers kept, values trimmed of spaces and tabs. Raises HeadError.
+
+    One pass in C over the bytes: the same rules as a split/regex parse in Python,
+    at a fraction of the instructions (it runs for every connection)."""
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(head)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(head)
+    cdef Py_ssize_t i, end, sp1 = -1, sp2 = -1, start, colon, vs, ve
+    cdef unsigned char c
+    cdef dict headers = {}
+    for i in range(n):
+        c = p[i]
+        if _CONTROL_CHAR[c]:
+            if c == 13 and i + 1 < n and p[i + 1] == 10:
+                continue
+            if c == 10 and i > 0 and p[i - 1] == 13:
+                continue
+            raise HeadError("control character in the request head")
+    end = _line_end(p, 0, n)
+    for i in range(end):
+        if p[i] == 32:
+            if sp1 < 0:
+                sp1 = i
+            elif sp2 < 0:
+                sp2 = i
+            else:
+                raise HeadError("malformed request line")
+    if sp1 <= 0 or sp2 < 0 or sp2 == sp1 + 1:
+        raise HeadError("malformed request line")
+    if not (end - sp2 - 1 == 8 and memcmp(p + sp2 + 1, b"HTTP/1.", 7) == 0
+            and 48 <= p[end - 1] <= 57):
+        raise HeadError("unsupported HTTP version")
+    if p[sp1 + 1] != 47:  # '/'
+        raise HeadError("request target must be a path")
+    start = end + 2
+    while start <= n:
+        end = _line_end(p, start, n)
+        colon = -1
+        for i in range(start, end):
+            if p[i] == 58:  # ':'
+                colon = i
+                break
+            if not _TOKEN_CHAR[p[i]]:
+                break
+        if colon <= start:
+            raise HeadError("malformed header line")
+        name = PyUnicode_DecodeLatin1(<const char*>p + start, colon - start, NULL).lower()
+        if name in headers:
+            if name == "content-length":
+                raise HeadError("repeated Content-Length")
+        else:
+            vs = colon + 1
+            ve = end
+            while vs < ve and (p[vs] == 32 or p[vs] == 9):
+                vs += 1
+            while ve > vs and (p[ve - 1] == 32 or p[ve - 1] == 9):
+                ve -= 1
+            headers[name] = PyUnicode_DecodeLatin1(<const char*>p + vs, ve - vs, NULL)
+        start = end + 2
+    return (PyUnicode_DecodeLatin1(<const char*>p, sp1, NULL),
+            PyUnicode_DecodeLatin1(<const char*>p + sp1 + 1, sp2 - sp1 - 1, NULL),
+            PyUnicode_DecodeLatin1(<const char*>p + sp2 + 1, 8, NULL),
+            headers)
 
 
 # ---------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import orjson
 from picows import WSAutoPingStrategy
 from picows.picows import WSProtocol  # type: ignore[attr-defined]  # internal API, see above
 
-from ._fastpath import Route, SessionListener
+from ._fastpath import HeadError, Route, SessionListener, parse_head
 from .auth import AuthResult, auth_key, auth_result, token_from_request
 from .log import log_event
 from .redis import RedisUnavailable
@@ -38,10 +38,6 @@ if TYPE_CHECKING:
 MAX_HEAD_BYTES = 16 * 1024  # picows refuses request heads of this size too
 _ID = re.compile(r"[A-Za-z0-9._~-]{1,128}")
 _WS_PATH = re.compile(r"/([^/]*)/ws/([^/]*)")
-_HTTP1_VERSION = re.compile(r"HTTP/1\.[0-9]")
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 field-name
-# Control characters other than HTAB (CR and LF count outside a CRLF): never in a head.
-_CONTROL = bytes(range(0, 9)) + bytes(range(10, 32)) + b"\x7f"
 MAX_HEADERS = 128
 # An adapter, not a Logger: picows builds a child Logger per connection from a Logger
 # (memory and time per socket), but uses an adapter as it is.
@@ -78,33 +74,15 @@ class Request:
 
 
 def parse_request_head(head: bytes) -> Request:
-    """Parse a request line and headers (without the final CRLF CRLF)."""
-    flat = head.replace(b"\r\n", b"")
-    if len(flat.translate(None, _CONTROL)) != len(flat):  # two C passes, no regex
-        raise BadRequest("control character in the request head")
-    text = head.decode("latin-1")
-    lines = text.split("\r\n")
-    if len(lines) > MAX_HEADERS + 1:
+    """Parse a request line and headers (without the final CRLF CRLF): HTTP/1.x only,
+    header names RFC 9110 tokens, no control characters but HTAB, no repeated
+    Content-Length. The scan itself is compiled (``_fastpath.parse_head``)."""
+    if head.count(b"\r\n") > MAX_HEADERS:
         raise TooManyHeaders(f"more than {MAX_HEADERS} headers")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[0] or not parts[1]:
-        raise BadRequest("malformed request line")
-    method, target, version = parts
-    if not _HTTP1_VERSION.fullmatch(version):
-        raise BadRequest("unsupported HTTP version")
-    if not target.startswith("/"):
-        raise BadRequest("request target must be a path")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep or not _TOKEN.fullmatch(name):
-            raise BadRequest("malformed header line")
-        name = name.lower()
-        if name in headers:
-            if name == "content-length":
-                raise BadRequest("repeated Content-Length")
-            continue
-        headers[name] = value.strip(" \t")
+    try:
+        method, target, version, headers = parse_head(head)
+    except HeadError as exc:
+        raise BadRequest(str(exc)) from None
     path, _, query = target.partition("?")
     return Request(method, path, query, version, headers)
 
