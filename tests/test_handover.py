@@ -13,6 +13,7 @@ import re
 from importlib import metadata
 
 import picows.api
+import pytest
 import websockets
 
 PINNED = "2.3.1"
@@ -93,3 +94,72 @@ def test_websockets_client_completes_close_handshake(proxy, redis_server, sessio
         return ws.protocol.close_rcvd.code
 
     assert asyncio.run(main()) == 1000
+
+
+def test_socket_options_set_and_read_the_real_socket():
+    import socket
+
+    from wsproxy._fastpath import SocketOptions
+
+    with socket.create_server(("127.0.0.1", 0)) as server, \
+            socket.create_connection(server.getsockname()) as client:
+        options = SocketOptions(client.fileno())
+        assert options.fileno() == client.fileno()
+        options.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assert options.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        options.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+        assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+        assert options.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == client.getsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF)
+    with pytest.raises(OSError):
+        SocketOptions(-1).getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+def test_transport_for_picows_passes_through_and_picows_sets_nodelay():
+    """picows is given a view of the uvloop transport: its socket calls must reach the
+    real socket (TCP_NODELAY set), and everything else the real transport."""
+    import socket
+
+    import uvloop
+    from picows import WSAutoPingStrategy
+    from picows.picows import WSProtocol
+
+    from wsproxy.http import TransportForPicows
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        accepted = loop.create_future()
+
+        class Keep(asyncio.Protocol):
+            def connection_made(self, transport):
+                accepted.set_result(transport)
+
+        server = await loop.create_server(Keep, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        transport = await accepted
+        real = transport.get_extra_info("socket")
+        real.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+        view = TransportForPicows(transport)
+        assert view.get_extra_info("socket").fileno() == real.fileno()
+        assert view.get_extra_info("peername") == transport.get_extra_info("peername")
+        assert view.is_closing() is False
+        import logging
+        proto = WSProtocol(None, None, False, lambda r: None, logging.getLogger("t"), True,
+                           None, False, 20, 20,
+                           WSAutoPingStrategy.PING_WHEN_IDLE, False, 1 << 20, None, 4096)
+        transport.set_protocol(proto)
+        proto.connection_made(view)
+        nodelay = real.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert proto.transport.underlying_transport is view
+        view.set_write_buffer_limits(high=0, low=0)  # passed through
+        assert transport.get_write_buffer_limits() == (0, 0)
+        view.write(b"x")
+        assert client.recv(1) == b"x"
+        view.close()
+        client.close()
+        server.close()
+        return nodelay
+
+    assert uvloop.run(main()) == 1
