@@ -77,3 +77,33 @@ def test_every_channel_resubscribed_after_reconnect(redis_server, session_id):
     leaving, counts = uvloop.run(main())
     assert counts[leaving] == 0
     assert [ch for ch in channels if ch != leaving and counts[ch] != 1] == []
+
+
+def test_connection_loss_tells_every_subscribe_waiter_even_as_they_detach(redis_server):
+    """A gate waiting for its SUBSCRIBE ack detaches its socket when told the connection
+    dropped, which removes the route: telling every waiter must survive that."""
+
+    async def main():
+        pubsub = await started(redis_server.url)
+        told: list[str] = []
+        try:
+            for n in range(3):
+                sid = f"lost-{n}"
+                channel = f"session:{sid}:down".encode()
+                sock = listener(sid)
+                route = pubsub.attach(channel, sock)
+
+                def on_result(error, channel=channel, sock=sock, sid=sid):
+                    told.append(f"{sid}: {error}")
+                    pubsub.detach(channel, sock)
+
+                # No ack yet: the SUBSCRIBE is still in this iteration's write buffer.
+                assert pubsub.when_subscribed(route, on_result) is False
+            pubsub.on_disconnected(pubsub.proto, ConnectionResetError("gone"))
+            return told, dict(pubsub.routes)
+        finally:
+            await pubsub.close()
+
+    told, routes = uvloop.run(main())
+    assert sorted(told) == [f"lost-{n}: gone" for n in range(3)]
+    assert routes == {}

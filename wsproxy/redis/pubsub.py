@@ -95,7 +95,9 @@ class PubSub(ReconnectingLink):
         for kind, target in expected:
             if kind == "reply" and target is not None and not target.done():
                 target.set_exception(error)
-        for route in self.routes.values():
+        # A waiter told of the error may detach its socket and so drop its route:
+        # walk a copy.
+        for route in list(self.routes.values()):
             route.subscribed = False
             _notify(route, error)
 
