@@ -15,13 +15,11 @@ import hiredis
 
 
 class AuthResult(enum.Enum):
-    """The outcome of checking a token, each with the HTTP status it becomes."""
+    """What Redis' reply says of a token, each with the HTTP status it becomes."""
 
     OK = 101
-    MISSING = 401
     FORBIDDEN = 403
     UNAVAILABLE = 503
-    TIMEOUT = 504
 
 
 def token_from_request(authorization: str | None, query: str) -> str | None:

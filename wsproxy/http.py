@@ -445,14 +445,12 @@ class Gate(asyncio.Protocol):
         if self.lost or self.transport.is_closing():
             self._end()
             return
-        metrics = self.server.metrics
         if not self._hand_over(listener):
-            metrics.connection_result(400)
-            log_event(logging.INFO, "handshake_rejected", session_id=self.session_id,
-                      agent_id=self.agent_id, status=400, reason="picows_rejected")
-            self._end()
+            # picows answered 400 and closed the connection itself: _fail writes nothing.
+            self._fail(400, "WebSocket upgrade refused", "picows_rejected")
             return
         self.listener = None  # picows owns it now; on_ws_disconnected detaches it
+        metrics = self.server.metrics
         metrics.connection_result(101)
         metrics.observe_handshake(time.monotonic() - self.started)
         self._end()
