@@ -31,6 +31,7 @@ cdef class Stats:
 cdef class RedisProtocol:
     cdef object transport
     cdef object reader
+    cdef bytearray tail
     cdef bytearray out
     cdef bint flush_scheduled
     cdef bint write_paused
@@ -41,6 +42,8 @@ cdef class RedisProtocol:
     cdef int write(self, const char* data, Py_ssize_t size) except -1
     cdef int _schedule_flush(self) except -1
     cdef int on_reply(self, object reply) except -1
+    cdef Py_ssize_t fast_reply(self, const char* p, Py_ssize_t pos, Py_ssize_t n) except -3
+    cdef int _reply_via_hiredis(self, const char* p, Py_ssize_t size) except -1
 
 
 cdef class CommandProtocol(RedisProtocol):
@@ -61,7 +64,7 @@ cdef class Route:
     cdef public list waiters  # called with None (subscribed) or the error, once
     cdef public bint subscribed
 
-    cdef int deliver(self, bytes payload) except -1
+    cdef int deliver(self, const char* payload, Py_ssize_t size) except -1
 
 
 cdef class PubSubProtocol(RedisProtocol):
@@ -93,7 +96,7 @@ cdef class SessionListener(WSListener):
     cdef public object close_code
     cdef public object close_reason
 
-    cdef int send_down(self, WSMsgType msg_type, bytes payload) except -1
+    cdef int send_down(self, WSMsgType msg_type, const char* data, Py_ssize_t size) except -1
     cdef int _on_message(self, const char* data, Py_ssize_t size) except -1
     cdef int _send_error(self, bytes error) except -1
     cdef _start_fragmented(self, bint binary, WSFrame frame)

@@ -12,7 +12,7 @@ Nothing here awaits; everything that is not per message lives in plain Python.
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from cpython.object cimport PyCallable_Check
-from libc.string cimport memcmp, memcpy, memset
+from libc.string cimport memchr, memcmp, memcpy, memset
 from cpython.unicode cimport PyUnicode_DecodeLatin1
 
 from picows.picows cimport WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
@@ -338,6 +338,119 @@ def encode_publish(bytes channel, bytes payload) -> bytes:
 # ---------------------------------------------------------------------------
 # Redis connections
 
+# ---------------------------------------------------------------------------
+# Redis replies: where each one ends, found in the read buffer itself
+#
+# A reply the connection handles itself (a pub/sub ``message``, the integer a PUBLISH
+# returns) is read straight from the buffer, with no Python object made. Any other
+# reply is cut out at its boundary and handed to hiredis, alone, for its Python form.
+
+cdef enum:
+    RESP_MAX_DEPTH = 32
+    NEED_MORE = -2  # the buffer ends inside this reply
+    NOT_MINE = -1   # fast_reply: not a reply it reads in place; _read_length: malformed
+
+cdef inline Py_ssize_t _read_length(const char* p, Py_ssize_t pos, Py_ssize_t n,
+                                    Py_ssize_t* value) noexcept:
+    """Read "<digits>\r\n" (or "-1\r\n") at ``pos``; return the index after it,
+    NEED_MORE, or NOT_MINE when it is not a length."""
+    cdef Py_ssize_t v = 0, start = pos
+    cdef char c
+    if pos < n and p[pos] == 45:  # "-": only "-1", a null bulk or array
+        if pos + 1 >= n:
+            return NEED_MORE
+        if p[pos + 1] != 49:
+            return NOT_MINE
+        pos += 2
+        v = -1
+    else:
+        while pos < n:
+            c = p[pos]
+            if c < 48 or c > 57:
+                break
+            if pos - start >= 18:
+                return NOT_MINE
+            v = v * 10 + (c - 48)
+            pos += 1
+        if pos == start and pos < n:
+            return NOT_MINE
+    if pos + 1 >= n:
+        return NEED_MORE
+    if p[pos] != 13 or p[pos + 1] != 10:
+        return NOT_MINE
+    value[0] = v
+    return pos + 2
+
+
+cdef inline Py_ssize_t _line_end_crlf(const char* p, Py_ssize_t pos, Py_ssize_t n) noexcept:
+    """The index after the next CRLF from ``pos``, or NEED_MORE."""
+    cdef const char* cr
+    while pos < n:
+        cr = <const char*>memchr(p + pos, 13, <size_t>(n - pos))
+        if cr == NULL:
+            return NEED_MORE
+        pos = cr - p
+        if pos + 1 >= n:
+            return NEED_MORE
+        if p[pos + 1] == 10:
+            return pos + 2
+        pos += 1
+    return NEED_MORE
+
+
+cdef Py_ssize_t _reply_end(const char* p, Py_ssize_t pos, Py_ssize_t n, int depth) except -3:
+    """The index just past the reply starting at ``pos``, or NEED_MORE.
+
+    Only lengths are checked here: what a line holds is left to hiredis, which reads
+    the reply next and raises ProtocolError on anything malformed.
+    """
+    cdef Py_ssize_t count = 0, i
+    cdef char kind
+    if pos >= n:
+        return NEED_MORE
+    if depth > RESP_MAX_DEPTH:
+        raise hiredis.ProtocolError("reply nested too deeply")
+    kind = p[pos]
+    if kind in b"+-:,(#_":  # one line (RESP2 and RESP3 simple types)
+        return _line_end_crlf(p, pos + 1, n)
+    if kind in b"$=!":  # length-prefixed
+        pos = _read_length(p, pos + 1, n, &count)
+        if pos < 0:
+            if pos == NEED_MORE:
+                return NEED_MORE
+            raise hiredis.ProtocolError("bad bulk length")
+        if count < 0:
+            return pos
+        if n - pos < count + 2:
+            return NEED_MORE
+        if p[pos + count] != 13 or p[pos + count + 1] != 10:
+            raise hiredis.ProtocolError("bulk string not followed by CRLF")
+        return pos + count + 2
+    if kind in b"*>~%":  # aggregates; a map has two replies per entry
+        pos = _read_length(p, pos + 1, n, &count)
+        if pos < 0:
+            if pos == NEED_MORE:
+                return NEED_MORE
+            raise hiredis.ProtocolError("bad aggregate length")
+        if kind == 37:
+            count *= 2
+        i = 0
+        while i < count:
+            pos = _reply_end(p, pos, n, depth + 1)
+            if pos < 0:
+                return pos
+            i += 1
+        return pos
+    raise hiredis.ProtocolError(f"unexpected reply type byte {kind!r}")
+
+
+def reply_end(data: bytes, Py_ssize_t pos=0) -> int:
+    """Where the reply at ``pos`` of ``data`` ends (-2: incomplete); for tests."""
+    if pos < 0 or pos > PyBytes_GET_SIZE(data):
+        raise ValueError("pos outside data")
+    return _reply_end(PyBytes_AS_STRING(data), pos, PyBytes_GET_SIZE(data), 0)
+
+
 cdef class RedisProtocol:
     """asyncio protocol for one Redis connection: coalesced writes, hiredis replies.
 
@@ -349,6 +462,7 @@ cdef class RedisProtocol:
         self.owner = owner
         self.transport = None
         self.reader = hiredis.Reader()
+        self.tail = None
         self.out = bytearray()
         self.flush_scheduled = False
         self.write_paused = False
@@ -371,20 +485,49 @@ cdef class RedisProtocol:
         self.owner.connection_made(self)
 
     def data_received(self, data):
-        cdef object reader = self.reader
-        cdef object reply
-        reader.feed(data)
-        while True:
-            try:
-                reply = reader.gets()
-            except hiredis.ProtocolError as exc:
-                # The stream can no longer be trusted: drop the connection.
-                self.transport.abort()
-                self.owner.protocol_error(self, exc)
-                return
-            if reply is False:
-                break
-            self.on_reply(reply)
+        cdef bytearray tail = self.tail
+        cdef object buf
+        cdef const char* p
+        cdef Py_ssize_t n, pos = 0, end
+        if tail is not None and PyByteArray_GET_SIZE(tail):
+            tail += data  # the start of a reply is waiting for the rest
+            buf = tail
+            p = PyByteArray_AS_STRING(tail)
+            n = PyByteArray_GET_SIZE(tail)
+        else:
+            buf = data if type(data) is bytes else bytes(data)
+            p = PyBytes_AS_STRING(buf)
+            n = PyBytes_GET_SIZE(buf)
+        try:
+            while pos < n:
+                end = self.fast_reply(p, pos, n)
+                if end == NEED_MORE:
+                    break
+                if end == NOT_MINE:
+                    end = _reply_end(p, pos, n, 0)
+                    if end == NEED_MORE:
+                        break
+                    self._reply_via_hiredis(p + pos, end - pos)
+                pos = end
+        except hiredis.ProtocolError as exc:
+            # The stream can no longer be trusted: drop the connection.
+            pos = n
+            self.transport.abort()
+            self.owner.protocol_error(self, exc)
+        finally:
+            # Keep what is not read yet (also when a callback raised part way).
+            if buf is tail:
+                del tail[:pos]
+            elif pos < n:
+                self.tail = bytearray(p[pos:n])
+
+    cdef int _reply_via_hiredis(self, const char* p, Py_ssize_t size) except -1:
+        self.reader.feed(PyBytes_FromStringAndSize(p, size))
+        reply = self.reader.gets()
+        if reply is False:  # the scanner and hiredis disagree on where it ends
+            raise hiredis.ProtocolError("incomplete reply")
+        self.on_reply(reply)
+        return 0
 
     def eof_received(self):
         return False
@@ -447,6 +590,11 @@ cdef class RedisProtocol:
     cdef int on_reply(self, object reply) except -1:
         return 0
 
+    cdef Py_ssize_t fast_reply(self, const char* p, Py_ssize_t pos, Py_ssize_t n) except -3:
+        """Handle the reply at ``pos`` in place and return where it ends, or NOT_MINE
+        (hiredis reads it), or NEED_MORE."""
+        return NOT_MINE
+
 
 cdef class CommandProtocol(RedisProtocol):
     """The command connection: GET/EXPIRE/PUBLISH, replies matched FIFO.
@@ -479,6 +627,27 @@ cdef class CommandProtocol(RedisProtocol):
         self.waiters.append(None)
         self.write(PyBytes_AS_STRING(command), PyBytes_GET_SIZE(command))
 
+    cdef Py_ssize_t fast_reply(self, const char* p, Py_ssize_t pos, Py_ssize_t n) except -3:
+        # ":<integer>\r\n" for a PUBLISH or a fire-and-forget command: nothing to
+        # build, only the waiter to drop. Anything else goes through hiredis.
+        cdef Py_ssize_t i = pos + 1
+        cdef object waiter
+        if p[pos] != 58 or not self.waiters:
+            return NOT_MINE
+        if i < n and p[i] == 45:
+            i += 1
+        while i < n and 48 <= p[i] <= 57:
+            i += 1
+        if i + 1 >= n:
+            return NEED_MORE
+        if i == pos + 1 or p[i] != 13 or p[i + 1] != 10 or (p[pos + 1] == 45 and i == pos + 2):
+            return NOT_MINE  # not a plain integer: hiredis says what it is
+        waiter = self.waiters[0]
+        if waiter is not None and type(waiter) is not SessionListener:
+            return NOT_MINE
+        self.waiters.popleft()
+        return i + 2
+
     cdef int on_reply(self, object reply) except -1:
         cdef object waiter
         if not self.waiters:
@@ -496,6 +665,11 @@ cdef class CommandProtocol(RedisProtocol):
         elif not waiter.done():
             waiter.set_result(reply)
         return 0
+
+    @property
+    def awaiting_replies(self) -> int:
+        """Commands sent whose replies have not come yet."""
+        return len(self.waiters)
 
     def fail_pending(self, exc):
         """The connection is gone: fail every waiter; tell each publisher's socket."""
@@ -563,15 +737,14 @@ cdef class Route:
         self.waiters = []
         self.subscribed = False
 
-    cdef int deliver(self, bytes payload) except -1:
-        cdef Py_ssize_t size = PyBytes_GET_SIZE(payload)
+    cdef int deliver(self, const char* payload, Py_ssize_t size) except -1:
         cdef WSMsgType msg_type = WSMsgType.TEXT
         cdef SessionListener listener
         # A payload that is not UTF-8 cannot be a text frame: send it as binary.
-        if size and not wsp_utf8_valid(<const unsigned char*>PyBytes_AS_STRING(payload), size):
+        if size and not wsp_utf8_valid(<const unsigned char*>payload, size):
             msg_type = WSMsgType.BINARY
         for listener in self.listeners:
-            listener.send_down(msg_type, payload)
+            listener.send_down(msg_type, payload, size)
         return 0
 
 
@@ -583,12 +756,48 @@ cdef class PubSubProtocol(RedisProtocol):
         self.routes = routes
         self.on_control = on_control
 
+    cdef Py_ssize_t fast_reply(self, const char* p, Py_ssize_t pos, Py_ssize_t n) except -3:
+        # "*3\r\n$7\r\nmessage\r\n$<n>\r\n<channel>\r\n$<n>\r\n<payload>\r\n", read
+        # where it lies: the channel is looked up, the payload sent from the buffer.
+        cdef Py_ssize_t avail = n - pos, channel_size = 0, payload_size = 0, channel, payload
+        cdef object route
+        if memcmp(p + pos, b"*3\r\n$7\r\nmessage\r\n", avail if avail < 17 else 17) != 0:
+            return NOT_MINE
+        if avail < 18:
+            return NEED_MORE
+        pos += 17
+        if p[pos] != 36:
+            return NOT_MINE
+        channel = _read_length(p, pos + 1, n, &channel_size)
+        if channel < 0 or channel_size < 0:
+            return channel if channel == NEED_MORE else NOT_MINE
+        pos = channel + channel_size
+        if pos + 3 > n:
+            return NEED_MORE
+        if p[pos] != 13 or p[pos + 1] != 10 or p[pos + 2] != 36:
+            return NOT_MINE
+        payload = _read_length(p, pos + 3, n, &payload_size)
+        if payload < 0 or payload_size < 0:
+            return payload if payload == NEED_MORE else NOT_MINE
+        pos = payload + payload_size
+        if pos + 2 > n:
+            return NEED_MORE
+        if p[pos] != 13 or p[pos + 1] != 10:
+            return NOT_MINE
+        key = PyBytes_FromStringAndSize(p + channel, channel_size)
+        route = self.routes.get(key)
+        if route is not None:
+            (<Route>route).deliver(p + payload, payload_size)
+        return pos + 2
+
     cdef int on_reply(self, object reply) except -1:
         cdef Route route
         if type(reply) is list and len(<list>reply) == 3 and (<list>reply)[0] == b"message":
+            # Only a message the fast path did not take comes here (e.g. a null payload).
             route = self.routes.get((<list>reply)[1])
-            if route is not None:
-                route.deliver((<list>reply)[2])
+            payload = (<list>reply)[2]
+            if route is not None and type(payload) is bytes:
+                route.deliver(PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
             return 0
         self.on_control(reply)
         return 0
@@ -678,9 +887,11 @@ cdef class SessionListener(WSListener):
         for payload in pending:
             if PyBytes_GET_SIZE(payload) and not wsp_utf8_valid(
                     <const unsigned char*>PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload)):
-                self.send_down(WSMsgType.BINARY, payload)
+                self.send_down(WSMsgType.BINARY, PyBytes_AS_STRING(payload),
+                               PyBytes_GET_SIZE(payload))
             else:
-                self.send_down(WSMsgType.TEXT, payload)
+                self.send_down(WSMsgType.TEXT, PyBytes_AS_STRING(payload),
+                               PyBytes_GET_SIZE(payload))
         self.events.connected(self)
 
     cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
@@ -778,25 +989,26 @@ cdef class SessionListener(WSListener):
         return 0
 
     # downstream ---------------------------------------------------------------
-    cdef int send_down(self, WSMsgType msg_type, bytes payload) except -1:
+    cdef int send_down(self, WSMsgType msg_type, const char* data, Py_ssize_t size) except -1:
+        # ``data`` may point into a Redis read buffer: whatever must outlive this call
+        # is copied.
         if self.too_slow or self.closing:
             return 0
         if self.transport is None:
             if self.pending is not None:
                 # Still in the handshake: keep it for on_ws_connected, within the
                 # same bound a slow socket gets.
-                self.pending_bytes += PyBytes_GET_SIZE(payload)
+                self.pending_bytes += size
                 if self.pending_bytes > g_max_buffer:
                     self.pending = []
                     self.too_slow = True
                     STATS.c[C_BACKPRESSURE_DISCONNECTS] += 1
                 else:
-                    self.pending.append(payload)
+                    self.pending.append(PyBytes_FromStringAndSize(data, size))
             return 0
         cdef WSTransport transport = self.transport
         if transport.is_close_frame_sent or transport.is_disconnected:
             return 0
-        cdef Py_ssize_t size = PyBytes_GET_SIZE(payload)
         cdef unsigned char header[10]
         cdef Py_ssize_t header_size = _frame_header(header, msg_type, size)
         cdef iovec iov[2]
@@ -809,7 +1021,7 @@ cdef class SessionListener(WSListener):
             # kernel in one sendmsg(), header and payload without a copy.
             iov[0].iov_base = header
             iov[0].iov_len = header_size
-            iov[1].iov_base = PyBytes_AS_STRING(payload)
+            iov[1].iov_base = <void*>data
             iov[1].iov_len = size
             memset(&msg, 0, sizeof(msg))
             msg.msg_iov = iov
@@ -827,9 +1039,9 @@ cdef class SessionListener(WSListener):
         cdef char* out = PyBytes_AS_STRING(frame)
         if sent < header_size:
             memcpy(out, header + sent, header_size - sent)
-            memcpy(out + header_size - sent, PyBytes_AS_STRING(payload), size)
+            memcpy(out + header_size - sent, data, size)
         else:
-            memcpy(out, PyBytes_AS_STRING(payload) + (sent - header_size),
+            memcpy(out, data + (sent - header_size),
                    header_size + size - sent)
         underlying = transport.underlying_transport
         underlying.write(frame)

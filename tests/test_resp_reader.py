@@ -1,0 +1,332 @@
+"""The Redis read path without the network: replies cut at their boundaries in the
+read buffer, pub/sub messages sent straight from it, everything else read by hiredis.
+
+Streams are fed in arbitrary pieces (hypothesis picks the cuts), the way TCP may
+deliver them; what comes out is compared with what hiredis alone makes of the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+import hiredis
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from picows.picows import WSTransport
+
+from wsproxy import _fastpath
+
+from .conftest import NullEvents
+
+# ---------------------------------------------------------------------------
+# RESP values, their encoding, and what hiredis makes of them
+
+line_text = st.binary(max_size=20).filter(lambda b: b"\r" not in b and b"\n" not in b)
+
+resp_values = st.recursive(
+    st.one_of(
+        st.tuples(st.just("bulk"), st.binary(max_size=40)),
+        st.tuples(st.just("simple"), line_text),
+        st.tuples(st.just("error"), line_text.map(lambda b: b"ERR " + b)),
+        st.tuples(st.just("int"), st.integers(min_value=-10**15, max_value=10**15)),
+        st.just(("null",)),
+    ),
+    lambda children: st.one_of(
+        st.tuples(st.just("array"), st.lists(children, max_size=4)),
+        st.just(("null_array",)),
+    ),
+    max_leaves=12,
+)
+
+
+def encode(value) -> bytes:
+    kind = value[0]
+    if kind == "bulk":
+        return b"$%d\r\n%b\r\n" % (len(value[1]), value[1])
+    if kind == "simple":
+        return b"+%b\r\n" % value[1]
+    if kind == "error":
+        return b"-%b\r\n" % value[1]
+    if kind == "int":
+        return b":%d\r\n" % value[1]
+    if kind == "null":
+        return b"$-1\r\n"
+    if kind == "null_array":
+        return b"*-1\r\n"
+    return b"*%d\r\n" % len(value[1]) + b"".join(encode(v) for v in value[1])
+
+
+def comparable(reply):
+    """hiredis' reply with errors made comparable (exceptions compare by identity)."""
+    if isinstance(reply, hiredis.ReplyError):
+        return ("error", str(reply))
+    if isinstance(reply, list):
+        return [comparable(r) for r in reply]
+    return reply
+
+
+def hiredis_replies(stream: bytes) -> list:
+    reader = hiredis.Reader()
+    reader.feed(stream)
+    out = []
+    while (reply := reader.gets()) is not False:
+        out.append(comparable(reply))
+    return out
+
+
+def pieces(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in zip(points, points[1:], strict=False)]
+
+
+def message(channel: bytes, payload: bytes) -> bytes:
+    return b"*3\r\n$7\r\nmessage\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
+        len(channel), channel, len(payload), payload)
+
+
+# ---------------------------------------------------------------------------
+# Where a reply ends
+
+@given(resp_values)
+def test_reply_end_is_where_hiredis_stops(value):
+    data = encode(value)
+    assert _fastpath.reply_end(data + b"+next\r\n") == len(data)
+    assert hiredis_replies(data + b"+next\r\n")[-1] == b"next"
+
+
+@given(resp_values, st.data())
+def test_a_cut_reply_needs_more(value, data):
+    encoded = encode(value)
+    cut = data.draw(st.integers(min_value=0, max_value=len(encoded) - 1))
+    assert _fastpath.reply_end(encoded[:cut]) == -2
+
+
+@pytest.mark.parametrize("bad", [b"?what\r\n", b"$abc\r\n", b"*x\r\n", b"$-2\r\n",
+                                 b"$3\r\nabcde\r\n", b"$99999999999999999999\r\n"])
+def test_malformed_lengths_are_protocol_errors(bad):
+    with pytest.raises(hiredis.ProtocolError):
+        _fastpath.reply_end(bad)
+
+
+# ---------------------------------------------------------------------------
+# The pub/sub connection
+
+class _Owner:
+    def __init__(self) -> None:
+        self.protocol_errors: list[BaseException] = []
+
+    def connection_made(self, proto) -> None:
+        pass
+
+    def protocol_error(self, proto, exc) -> None:
+        self.protocol_errors.append(exc)
+
+
+class _Transport:
+    """What a protocol reading replies needs of its transport."""
+
+    def __init__(self) -> None:
+        self.aborted = False
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+
+def read_frames(sock: socket.socket) -> list[tuple[int, bytes]]:
+    """Every server frame (unmasked) waiting on ``sock``, as (opcode, payload)."""
+    sock.setblocking(False)
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(1 << 22)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    frames, pos = [], 0
+    while pos < len(data):
+        opcode, size = data[pos] & 0x0F, data[pos + 1] & 0x7F
+        pos += 2
+        if size == 126:
+            size = int.from_bytes(data[pos:pos + 2], "big")
+            pos += 2
+        elif size == 127:
+            size = int.from_bytes(data[pos:pos + 8], "big")
+            pos += 8
+        frames.append((opcode, data[pos:pos + size]))
+        pos += size
+    assert pos == len(data), "a frame was cut short"
+    return frames
+
+
+def run_pubsub(chunks: list[bytes], channel: bytes = b"session:s-1:down"):
+    """Feed ``chunks`` to a PubSubProtocol whose one route leads to a real socket;
+    return (control replies, frames the socket received, owner, transport)."""
+    ours, theirs = socket.socketpair()
+    for sock in (ours, theirs):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    control: list = []
+    owner, fake = _Owner(), _Transport()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
+        wst = WSTransport(False, transport, logging.getLogger("test"), loop)
+        listener = _fastpath.SessionListener(_fastpath.Upstream(), b"session:s-1:up", 1,
+                                             "s-1", "a", NullEvents())
+        listener.on_ws_connected(wst)
+        route = _fastpath.Route(channel)
+        route.listeners.append(listener)
+        proto = _fastpath.PubSubProtocol(owner, {channel: route},
+                                         lambda reply: control.append(comparable(reply)))
+        proto.connection_made(fake)
+        for chunk in chunks:
+            proto.data_received(chunk)
+        await asyncio.sleep(0.01)
+        frames = read_frames(theirs)
+        transport.abort()
+        await asyncio.sleep(0)
+        return frames
+
+    _fastpath.configure(1 << 20, 1 << 30)
+    try:
+        frames = asyncio.run(main())
+    finally:
+        theirs.close()
+    return control, frames, owner, fake
+
+
+stream_items = st.lists(st.one_of(
+    st.tuples(st.just("message"), st.booleans(), st.binary(max_size=300)),
+    st.tuples(st.just("control"), resp_values),
+), max_size=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(stream_items, st.lists(st.integers(min_value=0), max_size=12))
+def test_pubsub_stream_cut_anywhere(items, cuts):
+    """Messages for a subscribed channel reach the socket in order, with the frame type
+    their payload calls for; messages for other channels are dropped; every other
+    reply reaches on_control exactly as hiredis reads it."""
+    channel = b"session:s-1:down"
+    stream, sent, controls = b"", [], []
+    for item in items:
+        if item[0] == "message":
+            _, ours, payload = item
+            stream += message(channel if ours else b"session:other:down", payload)
+            if ours:
+                try:
+                    payload.decode("utf-8")
+                    sent.append((0x1, payload))
+                except UnicodeDecodeError:
+                    sent.append((0x2, payload))
+        else:
+            encoded = encode(item[1])
+            stream += encoded
+            controls.extend(hiredis_replies(encoded))
+    control, frames, owner, transport = run_pubsub(pieces(stream, cuts), channel)
+    assert frames == sent
+    assert control == controls
+    assert owner.protocol_errors == [] and not transport.aborted
+
+
+def test_a_large_message_in_many_reads_arrives_once_and_whole():
+    payload = b'"' + bytes(range(32, 127)) * 11_000 + b'"'
+    stream = message(b"session:s-1:down", payload) * 2
+    chunks = [stream[i:i + 4096] for i in range(0, len(stream), 4096)]
+    control, frames, _, _ = run_pubsub(chunks)
+    assert frames == [(0x1, payload), (0x1, payload)]
+    assert control == []
+
+
+def test_a_message_with_a_null_payload_is_not_sent():
+    stream = b"*3\r\n$7\r\nmessage\r\n$16\r\nsession:s-1:down\r\n$-1\r\n" + message(
+        b"session:s-1:down", b'{"after":1}')
+    control, frames, owner, _ = run_pubsub([stream])
+    assert frames == [(0x1, b'{"after":1}')]
+    assert control == [] and owner.protocol_errors == []
+
+
+@pytest.mark.parametrize("garbage", [b"?bad\r\n", b"$x\r\n", b"*3\r\n$7\r\nmessage\r\n$2z\r\n"])
+def test_garbage_from_redis_drops_the_connection(garbage):
+    before = message(b"session:s-1:down", b'{"n":1}')
+    control, frames, owner, transport = run_pubsub([before + garbage + before])
+    assert frames == [(0x1, b'{"n":1}')], "what came before the garbage is delivered"
+    assert transport.aborted
+    assert len(owner.protocol_errors) == 1
+    assert isinstance(owner.protocol_errors[0], hiredis.ProtocolError)
+
+
+# ---------------------------------------------------------------------------
+# The command connection
+
+def run_command(replies: list, cuts: list[int]):
+    """Queue one waiter per reply (a callback for ("cb", value), a publishing socket for
+    ("publish", value), fire-and-forget for ("none", value)); feed the encoded replies
+    cut at ``cuts``; return what the callbacks got and the counter of failed publishes."""
+    got: list = []
+    ours, theirs = socket.socketpair()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
+        proto = _fastpath.CommandProtocol(_Owner())
+        proto.connection_made(transport)
+        upstream = _fastpath.Upstream()
+        upstream.proto = proto
+        listener = _fastpath.SessionListener(upstream, b"session:s-1:up", 1, "s-1", "a",
+                                             NullEvents())
+        for waiter, _ in replies:
+            if waiter == "cb":
+                proto.request_cb(b"*1\r\n$4\r\nPING\r\n", lambda r: got.append(comparable(r)))
+            elif waiter == "publish":
+                assert upstream_publish(listener)
+            else:
+                proto.send_noreply(b"*1\r\n$4\r\nPING\r\n")
+        stream = b"".join(encode(value) for _, value in replies)
+        for chunk in pieces(stream, cuts):
+            proto.data_received(chunk)
+        pending = proto.awaiting_replies
+        transport.abort()
+        await asyncio.sleep(0)
+        return pending
+
+    def upstream_publish(listener) -> bool:
+        from picows.picows import WSMsgType, _make_test_ws_frame
+        before = _fastpath.stats.snapshot()["messages_up"]
+        listener.on_ws_frame(None, _make_test_ws_frame(WSMsgType.TEXT, b"{}", True, False))
+        return _fastpath.stats.snapshot()["messages_up"] == before + 1
+
+    failed_before = _fastpath.stats.snapshot()["errors_upstream_unavailable"]
+    try:
+        pending = asyncio.run(main())
+    finally:
+        theirs.close()
+    failed = _fastpath.stats.snapshot()["errors_upstream_unavailable"] - failed_before
+    return got, failed, pending
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["cb", "publish", "none"]), resp_values),
+                max_size=12),
+       st.lists(st.integers(min_value=0), max_size=12))
+def test_command_replies_cut_anywhere_reach_their_waiters(replies, cuts):
+    """Replies are matched FIFO whether read in place (integers for publishes and
+    fire-and-forget commands) or by hiredis; a publish answered with anything but an
+    integer counts as failed."""
+    got, failed, pending = run_command(replies, cuts)
+    assert got == [comparable_value(v) for w, v in replies if w == "cb"]
+    assert failed == sum(1 for w, v in replies if w == "publish" and v[0] != "int")
+    assert pending == 0
+
+
+def comparable_value(value):
+    return hiredis_replies(encode(value))[0]
