@@ -718,10 +718,16 @@ cdef class Upstream:
         if proto.write_paused and proto.pending_write_bytes > self.max_pending_bytes:
             return False  # Redis is not keeping up: refuse rather than grow without bound
         head_len = _bulk_header(head, size)
-        _append(proto.out, PyBytes_AS_STRING(prefix), PyBytes_GET_SIZE(prefix))
-        _append(proto.out, head, head_len)
-        _append(proto.out, payload, size)
-        _append(proto.out, "\r\n", 2)
+        # One resize for the whole command: prefix, "$<size>\r\n", payload, CRLF.
+        cdef bytearray out = proto.out
+        cdef Py_ssize_t prefix_len = PyBytes_GET_SIZE(prefix)
+        cdef Py_ssize_t old = PyByteArray_GET_SIZE(out)
+        PyByteArray_Resize(out, old + prefix_len + head_len + size + 2)
+        cdef char* w = PyByteArray_AS_STRING(out) + old
+        memcpy(w, PyBytes_AS_STRING(prefix), prefix_len)
+        memcpy(w + prefix_len, head, head_len)
+        memcpy(w + prefix_len + head_len, payload, size)
+        memcpy(w + prefix_len + head_len + size, b"\r\n", 2)
         proto.waiters.append(source)
         if not proto.flush_scheduled:
             proto._schedule_flush()
