@@ -16,6 +16,7 @@ import asyncio
 import base64
 import binascii
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -162,6 +163,66 @@ def error_body(message: str) -> bytes:
     return orjson.dumps({"error": message})
 
 
+class Deadlines:
+    """The gates' time limits with one timer for all, instead of a timer each.
+
+    A gate's deadline puts it in the bucket of the ``tick`` it falls in; a gate that
+    is done waiting takes itself out. One timer, armed while any bucket is filled,
+    sweeps the buckets that are due every tick and calls their gates'
+    ``_on_timeout``: a limit fires at most one tick late. (Per connection this is a
+    set insert and a discard, where a loop timer cost an allocation, a timer-heap
+    insert, a cancel and a handle close.)
+    """
+
+    __slots__ = ("tick", "_buckets", "_timer")
+
+    def __init__(self, tick: float) -> None:
+        self.tick = tick
+        self._buckets: dict[int, set[Gate]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, gate: Gate, delay: float) -> int:
+        """Call ``gate._on_timeout()`` once ``delay`` seconds have passed, unless it is
+        removed first; returns the key to remove it with."""
+        key = math.ceil((time.monotonic() + delay) / self.tick)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = set()
+        bucket.add(gate)
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.tick, self._sweep)
+        return key
+
+    def remove(self, gate: Gate, key: int) -> None:
+        bucket = self._buckets.get(key)
+        if bucket is not None:
+            bucket.discard(gate)
+            if not bucket:
+                del self._buckets[key]
+
+    def __len__(self) -> int:
+        """Gates waiting on a deadline."""
+        return sum(len(b) for b in self._buckets.values())
+
+    def close(self) -> None:
+        """Stop the timer (the process is shutting down)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _sweep(self) -> None:
+        self._timer = None
+        now_key = time.monotonic() / self.tick
+        for key in sorted(k for k in self._buckets if k <= now_key):
+            for gate in self._buckets.pop(key, ()):
+                try:
+                    gate._on_timeout()
+                except Exception:  # noqa: BLE001 - one gate must not stop the others'
+                    logging.getLogger("wsproxy").exception("handshake timeout failed")
+        if self._buckets:
+            self._timer = asyncio.get_running_loop().call_later(self.tick, self._sweep)
+
+
 # Where a gate is in its connection's life.
 _READING = 0       # waiting for the complete request head
 _AUTH = 1          # GET session:{sid}:auth sent, waiting for the reply
@@ -174,7 +235,8 @@ class Gate(asyncio.Protocol):
 
     The handshake is a chain of callbacks, not a task: the request head is handled
     in ``data_received``, the auth reply and the subscription ack call back from
-    the Redis connections' reads, and a single timer at a time bounds each wait.
+    the Redis connections' reads, and one deadline at a time (``Deadlines``) bounds
+    each wait.
     """
 
     __slots__ = ("server", "transport", "buffer", "timer", "state", "lost", "head_end",
@@ -185,7 +247,7 @@ class Gate(asyncio.Protocol):
         self.server = server
         self.transport: Any = None
         self.buffer = bytearray()
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: int | None = None  # a Deadlines key while a limit runs
         self.state = _READING
         self.lost = False
         self.head_end = 0
@@ -204,8 +266,7 @@ class Gate(asyncio.Protocol):
         self.transport = transport
         # A client that sends nothing, or trickles its head, is dropped after the
         # handshake timeout.
-        self.timer = asyncio.get_running_loop().call_later(
-            self.server.config.handshake_timeout_secs, self._on_timeout)
+        self.timer = self.server.deadlines.add(self, self.server.config.handshake_timeout_secs)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -242,7 +303,7 @@ class Gate(asyncio.Protocol):
     # answering -------------------------------------------------------------------
     def _cancel_timer(self) -> None:
         if self.timer is not None:
-            self.timer.cancel()
+            self.server.deadlines.remove(self, self.timer)
             self.timer = None
 
     def _finish(self, status: int, body: bytes, content_type: str = "application/json",
@@ -374,8 +435,8 @@ class Gate(asyncio.Protocol):
         except RedisUnavailable:
             self._fail(503, "Redis unavailable", "redis_unavailable")
             return
-        self.timer = asyncio.get_running_loop().call_later(
-            min(config.auth_timeout_secs, config.handshake_timeout_secs), self._on_timeout)
+        self.timer = server.deadlines.add(
+            self, min(config.auth_timeout_secs, config.handshake_timeout_secs))
 
     def _on_auth_reply(self, reply: Any) -> None:
         if self.state != _AUTH:
@@ -424,8 +485,7 @@ class Gate(asyncio.Protocol):
             self._upgrade()  # another socket of the session is already subscribed
             return
         self.state = _SUBSCRIBING
-        self.timer = asyncio.get_running_loop().call_later(
-            max(0.0, self.deadline - time.monotonic()), self._on_timeout)
+        self.timer = server.deadlines.add(self, max(0.0, self.deadline - time.monotonic()))
 
     def _on_subscribed(self, error: BaseException | None) -> None:
         if self.state != _SUBSCRIBING:

@@ -18,7 +18,7 @@ import orjson
 
 from . import _fastpath
 from .config import Config
-from .http import Gate
+from .http import Deadlines, Gate
 from .log import log_event
 from .metrics import Metrics, SharedSlots
 from .redis import CommandClient, PubSub
@@ -57,6 +57,10 @@ class Server:
                                            config.ws_ping_timeout_secs)
         self.metrics.channels_active = lambda: len(self.pubsub.routes)
         self.metrics.redis_reconnects = lambda: self.command.reconnects + self.pubsub.reconnects
+        # Handshake limits fire within a tick: a twentieth of a second, or less for
+        # limits under a quarter second.
+        self.deadlines = Deadlines(min(0.05, config.auth_timeout_secs / 5,
+                                       config.handshake_timeout_secs / 5))
         self.draining = False
         self._sock = sock
         self._server: asyncio.base_events.Server | None = None
@@ -204,6 +208,7 @@ class Server:
             self._health_task.cancel()
         await self.command.close()
         await self.pubsub.close()
+        self.deadlines.close()
         log_event(logging.INFO, "shutdown_complete")
 
 

@@ -1,0 +1,84 @@
+"""The gates' shared deadline timer: limits fire once, not early, at most a tick late,
+and never for a gate that stopped waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from wsproxy.http import Deadlines
+
+TICK = 0.02
+
+
+class _Gate:
+    def __init__(self, deadlines: Deadlines, delay: float) -> None:
+        self.fired: list[float] = []
+        self.added = time.monotonic()
+        self.key = deadlines.add(self, delay)
+
+    def _on_timeout(self) -> None:
+        self.fired.append(time.monotonic() - self.added)
+
+
+def test_each_limit_fires_once_not_early_and_within_a_tick():
+    async def main():
+        deadlines = Deadlines(TICK)
+        gates = [(delay, _Gate(deadlines, delay)) for delay in (0.0, 0.01, 0.05, 0.13, 0.2)]
+        await asyncio.sleep(0.35)
+        return deadlines, gates
+
+    deadlines, gates = asyncio.run(main())
+    for delay, gate in gates:
+        assert len(gate.fired) == 1, (delay, gate.fired)
+        assert delay <= gate.fired[0] < delay + TICK + 0.05, (delay, gate.fired)
+    assert len(deadlines) == 0
+
+
+def test_a_removed_gate_never_times_out_and_the_timer_stops():
+    async def main():
+        deadlines = Deadlines(TICK)
+        kept = _Gate(deadlines, 0.05)
+        removed = _Gate(deadlines, 0.05)
+        deadlines.remove(removed, removed.key)
+        await asyncio.sleep(0.15)
+        idle_timer = deadlines._timer
+        return kept, removed, idle_timer
+
+    kept, removed, idle_timer = asyncio.run(main())
+    assert len(kept.fired) == 1
+    assert removed.fired == []
+    assert idle_timer is None, "nothing waits: no timer should be armed"
+
+
+def test_a_failing_timeout_does_not_stop_the_others(caplog):
+    class _Broken(_Gate):
+        def _on_timeout(self) -> None:
+            raise RuntimeError("boom")
+
+    async def main():
+        deadlines = Deadlines(TICK)
+        broken = _Broken(deadlines, 0.01)
+        others = [_Gate(deadlines, 0.01) for _ in range(3)]
+        await asyncio.sleep(0.1)
+        return broken, others
+
+    _, others = asyncio.run(main())
+    assert all(len(g.fired) == 1 for g in others)
+    assert "handshake timeout failed" in caplog.text
+
+
+def test_thousands_of_gates_cost_one_timer():
+    async def main():
+        deadlines = Deadlines(TICK)
+        gates = [_Gate(deadlines, 0.03 + (i % 7) * 0.01) for i in range(5000)]
+        for gate in gates[::2]:
+            deadlines.remove(gate, gate.key)
+        armed = deadlines._timer is not None
+        waiting = len(deadlines)
+        await asyncio.sleep(0.25)
+        return gates, armed, waiting, len(deadlines)
+
+    gates, armed, waiting, left = asyncio.run(main())
+    assert armed and waiting == 2500 and left == 0
+    assert [len(g.fired) for g in gates] == [0, 1] * 2500
