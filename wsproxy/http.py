@@ -27,7 +27,7 @@ import orjson
 from picows import WSAutoPingStrategy
 from picows.picows import WSProtocol  # type: ignore[attr-defined]  # internal API, see above
 
-from ._fastpath import HeadError, Route, SessionListener, SocketOptions, parse_head
+from ._fastpath import HeadError, Route, SessionListener, TransportForPicows, parse_head
 from .auth import AuthResult, auth_key, auth_result, token_from_request
 from .log import log_event
 from .redis import RedisUnavailable
@@ -49,38 +49,6 @@ _READ_BUFFER_INIT = 4096
 # What picows is given to negotiate: the gate has checked the client's own head.
 _REPLAY_HEAD = (b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                 b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: ")
-
-
-class TransportForPicows:
-    """The connection's transport as picows is given it.
-
-    Everything passes through to the uvloop transport, except ``get_extra_info
-    ("socket")``: that answers with :class:`SocketOptions` on the same fd, so picows'
-    connection_made (TCP_NODELAY, TCP_QUICKACK, five options read for a log line)
-    costs seven plain system calls instead of seven Python socket objects. The
-    methods picows binds or calls per frame are the transport's own, bound once.
-    """
-
-    __slots__ = ("_transport", "_socket", "write", "writelines", "get_write_buffer_size",
-                 "close", "abort", "is_closing")
-
-    def __init__(self, transport: Any) -> None:
-        self._transport = transport
-        self._socket = SocketOptions(transport.get_extra_info("socket").fileno())
-        self.write = transport.write
-        self.writelines = transport.writelines
-        self.get_write_buffer_size = transport.get_write_buffer_size
-        self.close = transport.close
-        self.abort = transport.abort
-        self.is_closing = transport.is_closing
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        if name == "socket":
-            return self._socket
-        return self._transport.get_extra_info(name, default)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
 
 
 class BadRequest(ValueError):
