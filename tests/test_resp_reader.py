@@ -330,3 +330,55 @@ def test_command_replies_cut_anywhere_reach_their_waiters(replies, cuts):
 
 def comparable_value(value):
     return hiredis_replies(encode(value))[0]
+
+
+def test_a_failing_socket_does_not_cost_the_others_their_message(caplog):
+    """A socket whose backlog overflows calls its too-slow handler from inside the
+    delivery; when that handler raises, the other socket of the channel still gets
+    the message, the read goes on, and the failure is logged."""
+    channel = b"session:s-1:down"
+
+    class _Raising(NullEvents):
+        def too_slow(self, listener) -> None:
+            raise RuntimeError("handler broke")
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        pairs = [socket.socketpair() for _ in range(2)]
+        pairs[0][0].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        for sock in pairs[1]:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        listeners, transports = [], []
+        for (ours, _), events in zip(pairs, (_Raising(), NullEvents()), strict=True):
+            transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
+            wst = WSTransport(False, transport, logging.getLogger("test"), loop)
+            listener = _fastpath.SessionListener(_fastpath.Upstream(), b"session:s-1:up", 1,
+                                                 "s-1", "a", events)
+            listener.on_ws_connected(wst)
+            listeners.append(listener)
+            transports.append(transport)
+        route = _fastpath.Route(channel)
+        route.listeners.extend(listeners)
+        owner = _Owner()
+        proto = _fastpath.PubSubProtocol(owner, {channel: route}, lambda reply: None)
+        proto.connection_made(_Transport())
+        payload = b'"' + b"x" * 300_000 + b'"'  # more than the slow socket takes at once
+        proto.data_received(message(channel, payload) + message(channel, b'{"n":2}'))
+        await asyncio.sleep(0.05)
+        frames = read_frames(pairs[1][1])
+        for transport in transports:
+            transport.abort()
+        await asyncio.sleep(0)
+        for pair in pairs:
+            pair[1].close()
+        return frames, owner
+
+    _fastpath.configure(1 << 20, 64 * 1024)
+    try:
+        frames, owner = asyncio.run(main())
+    finally:
+        _fastpath.configure(1 << 20, 1 << 30)
+    assert [f[1] for f in frames] == [b'"' + b"x" * 300_000 + b'"', b'{"n":2}']
+    assert "delivery to a socket failed" in caplog.text
+    assert owner.protocol_errors == []

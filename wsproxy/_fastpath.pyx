@@ -725,14 +725,18 @@ cdef class CommandProtocol(RedisProtocol):
                 waiter.set_exception(exc)
 
 
+cdef void _log_exception(str what):
+    import logging
+    logging.getLogger("wsproxy").exception(what)
+
+
 cdef inline void _call_reply_callback(object callback, object reply):
     # A callback runs inside the Redis connection's read: an exception escaping it
     # would end the connection for everyone, so it is logged here instead.
     try:
         callback(reply)
     except Exception:
-        import logging
-        logging.getLogger("wsproxy").exception("Redis reply callback failed")
+        _log_exception("Redis reply callback failed")
 
 
 cdef inline int _bulk_header(char* out, Py_ssize_t size) noexcept:
@@ -789,7 +793,12 @@ cdef class Route:
         if size and not wsp_utf8_valid(<const unsigned char*>payload, size):
             msg_type = WSMsgType.BINARY
         for listener in self.listeners:
-            listener.send_down(msg_type, payload, size)
+            try:
+                listener.send_down(msg_type, payload, size)
+            except Exception:
+                # One socket's failure must not cost the others this message, nor
+                # escape into the Redis read (which would end the connection).
+                _log_exception("delivery to a socket failed")
         return 0
 
 
