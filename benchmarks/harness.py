@@ -53,11 +53,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` (and its reaped children) from /proc."""
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of ``pid`` (and its reaped children) from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
-    return (utime + stime + cutime + cstime) / CLOCK_TICKS
+    return (utime + cutime) / CLOCK_TICKS, (stime + cstime) / CLOCK_TICKS
 
 
 def rss_bytes(pid: int) -> int:
@@ -240,10 +240,14 @@ def measure(server: str, redis: Started, workers: int, warmup: float, duration: 
 
     rss_open = 0
 
+    user: dict[str, float] = {}
+
     def on_phase(phase: str) -> None:
         nonlocal rss_open
         pids = server_pids(started)
-        marks[phase] = (time.perf_counter(), sum(cpu_seconds(p) for p in pids))
+        splits = [cpu_split(p) for p in pids]
+        marks[phase] = (time.perf_counter(), sum(u + s for u, s in splits))
+        user[phase] = sum(u for u, _ in splits)
         if phase == "measure_start":  # every socket is open now
             rss_open = sum(rss_bytes(p) for p in pids)
 
@@ -258,9 +262,14 @@ def measure(server: str, redis: Started, workers: int, warmup: float, duration: 
         started.stop()
     (t0, c0), (t1, c1) = marks["measure_start"], marks["measure_end"]
     connect_cpu = marks["connect_end"][1] - marks["connect_start"][1]
+    user_cpu = user["measure_end"] - user["measure_start"]
     extra = {"direction": direction,
              "server_cpu_us_per_handshake": round(1e6 * connect_cpu / result["connected"], 1)
-             if result["connected"] else None}
+             if result["connected"] else None,
+             # The part of the CPU per message spent in the server's own code (user
+             # space); the rest is the kernel's (sends, receives, wake-ups).
+             "server_user_us_per_msg": round(1e6 * user_cpu / result["received"], 2)
+             if result["received"] else None}
     return Measurement(server, result, c1 - c0, t1 - t0, rss_before, rss_open, extra)
 
 
@@ -301,7 +310,8 @@ def main() -> None:
                 print(f"round {round_ + 1} {json.dumps(m.summary())}", flush=True)
     finally:
         redis.stop()
-    keys = ("server_cpu_percent", "server_cpu_us_per_msg", "p50_ms", "p99_ms", "p999_ms",
+    keys = ("server_cpu_percent", "server_cpu_us_per_msg", "server_user_us_per_msg",
+            "p50_ms", "p99_ms", "p999_ms",
             "lost", "handshakes_per_sec", "server_cpu_us_per_handshake", "rss_per_socket_bytes")
     print("\nmedians of", args.rounds, "rounds:", args.direction, f"{args.workers} sockets,",
           f"{args.workers / args.interval:g} msg/s, {args.payload}-byte payloads")

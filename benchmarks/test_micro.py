@@ -134,7 +134,8 @@ def socket_pair_listener():
 
 
 def test_downstream_dispatch_one_message(benchmark, socket_pair_listener):
-    """One Redis ``message`` reply -> hiredis -> route lookup -> WebSocket frame to a socket."""
+    """One Redis ``message`` reply, read in place -> route lookup -> WebSocket frame to a
+    socket (one sendmsg() into a Unix socket pair)."""
     loop, listener, _ = socket_pair_listener
     channel = b"session:s:down"
     routes = {channel: _fastpath.Route(channel)}

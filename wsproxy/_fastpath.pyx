@@ -4,7 +4,9 @@
 - up: picows frame (pointer + size) -> JSON/UTF-8 validation in place ->
   RESP ``PUBLISH`` appended to the command connection's write buffer, flushed once a
   loop iteration; replies matched FIFO to their sockets.
-- down: Redis bytes -> hiredis ``Reader.gets()`` -> channel lookup -> picows send.
+- down: Redis bytes -> ``message`` replies read where they lie in the read buffer ->
+  channel lookup -> one ``sendmsg()`` per socket, straight from that buffer. Replies
+  of any other kind are cut out at their boundary and read by hiredis.
 
 Nothing here awaits; everything that is not per message lives in plain Python.
 """
