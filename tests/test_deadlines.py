@@ -82,3 +82,25 @@ def test_thousands_of_gates_cost_one_timer():
     gates, armed, waiting, left = asyncio.run(main())
     assert armed and waiting == 2500 and left == 0
     assert [len(g.fired) for g in gates] == [0, 1] * 2500
+
+
+def test_a_gate_ended_by_another_gates_timeout_is_not_timed_out():
+    """Two gates due in the same sweep: when the first one's timeout ends the second
+    (it stops waiting and removes its deadline), the second is not timed out."""
+    class _Ending(_Gate):
+        other: _Gate
+
+        def _on_timeout(self) -> None:
+            super()._on_timeout()
+            deadlines.remove(self.other, self.other.key)
+
+    async def main():
+        gates = [_Ending(deadlines, 0.01), _Ending(deadlines, 0.01)]
+        gates[0].other, gates[1].other = gates[1], gates[0]
+        await asyncio.sleep(0.1)
+        return gates
+
+    deadlines = Deadlines(TICK)
+    gates = asyncio.run(main())
+    assert sorted(len(g.fired) for g in gates) == [0, 1]
+    assert len(deadlines) == 0

@@ -182,11 +182,19 @@ class Deadlines:
         self._timer = None
         now_key = time.monotonic() / self.tick
         for key in sorted(k for k in self._buckets if k <= now_key):
-            for gate in self._buckets.pop(key, ()):
+            bucket = self._buckets[key]
+            for gate in list(bucket):
+                # A timeout can end other gates (their remove() empties their slot
+                # here): only those still waiting on this deadline are timed out.
+                if gate not in bucket:
+                    continue
+                bucket.discard(gate)
                 try:
                     gate._on_timeout()
                 except Exception:  # noqa: BLE001 - one gate must not stop the others'
                     logging.getLogger("wsproxy").exception("handshake timeout failed")
+            if not bucket:
+                del self._buckets[key]
         if self._buckets:
             self._timer = asyncio.get_running_loop().call_later(self.tick, self._sweep)
 
