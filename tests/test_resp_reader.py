@@ -104,6 +104,22 @@ def test_a_cut_reply_needs_more(value, data):
     assert _fastpath.reply_end(encoded[:cut]) == -2
 
 
+@pytest.mark.parametrize("reply", [
+    b"+a\rb\r\n",                                  # only CRLF ends a line, not a lone CR
+    b":12\r\r\n",
+    b">3\r\n+message\r\n$1\r\nc\r\n:1\r\n",        # push
+    b"%2\r\n+a\r\n:1\r\n+b\r\n*2\r\n_\r\n#t\r\n",  # map: two replies an entry
+    b"~2\r\n,1.5\r\n(12345678901234567890\r\n",  # set, double, big number
+    b"=8\r\ntxt:ab\r\n\r\n",                     # verbatim string holding CRLF
+    b"!5\r\nERR x\r\n",                          # blob error
+    b"%-1\r\n",
+])
+def test_resp3_reply_ends(reply):
+    """RESP3 is never asked for (no HELLO 3), but its shapes are cut right too."""
+    assert _fastpath.reply_end(reply + b"+next\r\n") == len(reply)
+    assert all(_fastpath.reply_end(reply[:cut]) == -2 for cut in range(len(reply)))
+
+
 @pytest.mark.parametrize("bad", [b"?what\r\n", b"$abc\r\n", b"*x\r\n", b"$-2\r\n",
                                  b"$3\r\nabcde\r\n", b"$99999999999999999999\r\n"])
 def test_malformed_lengths_are_protocol_errors(bad):
@@ -253,6 +269,28 @@ def test_a_message_with_a_null_payload_is_not_sent():
     control, frames, owner, _ = run_pubsub([stream])
     assert frames == [(0x1, b'{"after":1}')]
     assert control == [] and owner.protocol_errors == []
+
+
+def test_a_reply_whose_callback_raised_is_not_given_again():
+    """A control callback that raises ends that read, but the reply counts as read: the
+    next read starts after it (no reply is handed over twice)."""
+    seen: list = []
+
+    def on_control(reply):
+        seen.append(comparable(reply))
+        if len(seen) == 1:
+            raise RuntimeError("callback broke")
+
+    proto = _fastpath.PubSubProtocol(_Owner(), {}, on_control)
+
+    async def main():
+        proto.connection_made(_Transport())
+        with pytest.raises(RuntimeError):
+            proto.data_received(b"+first\r\n+sec")
+        proto.data_received(b"ond\r\n")
+
+    asyncio.run(main())
+    assert seen == [b"first", b"second"]
 
 
 @pytest.mark.parametrize("garbage", [b"?bad\r\n", b"$x\r\n", b"*3\r\n$7\r\nmessage\r\n$2z\r\n"])

@@ -529,7 +529,7 @@ cdef class RedisProtocol:
         cdef bytearray tail = self.tail
         cdef object buf
         cdef const char* p
-        cdef Py_ssize_t n, pos = 0, end
+        cdef Py_ssize_t n, pos = 0, end, start
         if tail is not None and PyByteArray_GET_SIZE(tail):
             tail += data  # the start of a reply is waiting for the rest
             buf = tail
@@ -548,15 +548,18 @@ cdef class RedisProtocol:
                     end = _reply_end(p, pos, n, 0)
                     if end == NEED_MORE:
                         break
-                    self._reply_via_hiredis(p + pos, end - pos)
-                pos = end
+                    start, pos = pos, end  # consumed even if a callback raises
+                    self._reply_via_hiredis(p + start, end - start)
+                else:
+                    pos = end
         except hiredis.ProtocolError as exc:
             # The stream can no longer be trusted: drop the connection.
             pos = n
             self.transport.abort()
             self.owner.protocol_error(self, exc)
         finally:
-            # Keep what is not read yet (also when a callback raised part way).
+            # Keep what is not read yet (also when a callback raised part way: the
+            # reply it was given counts as read, and is not given again).
             if buf is tail:
                 del tail[:pos]
             elif pos < n:

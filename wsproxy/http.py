@@ -195,7 +195,8 @@ class Deadlines:
                     logging.getLogger("wsproxy").exception("handshake timeout failed")
             if not bucket:
                 del self._buckets[key]
-        if self._buckets:
+        # (A timeout that added a deadline has already armed the next sweep.)
+        if self._buckets and self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.tick, self._sweep)
 
 

@@ -57,10 +57,11 @@ class Server:
                                            config.ws_ping_timeout_secs)
         self.metrics.channels_active = lambda: len(self.pubsub.routes)
         self.metrics.redis_reconnects = lambda: self.command.reconnects + self.pubsub.reconnects
-        # Handshake limits fire within a tick: a twentieth of a second, or less for
-        # limits under a quarter second.
-        self.deadlines = Deadlines(min(0.05, config.auth_timeout_secs / 5,
-                                       config.handshake_timeout_secs / 5))
+        # Handshake limits fire within a tick: a twentieth of a second, or a fifth
+        # of a limit under a quarter second, but never under 5 ms (a sweep scans
+        # every pending bucket).
+        self.deadlines = Deadlines(max(0.005, min(0.05, config.auth_timeout_secs / 5,
+                                                  config.handshake_timeout_secs / 5)))
         self.draining = False
         self._sock = sock
         self._server: asyncio.base_events.Server | None = None
