@@ -10,6 +10,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from wsproxy import log
 from wsproxy.log import JsonFormatter, TextFormatter, configure, log_event, redact
@@ -183,6 +185,26 @@ def test_redact_keeps_the_rest() -> None:
     assert redact("access_token=abc&x=1") == "access_token=[redacted]&x=1"
     assert redact("GET /a/ws/b?ACCESS_TOKEN=abc HTTP/1.1") == (
         "GET /a/ws/b?ACCESS_TOKEN=[redacted] HTTP/1.1")
+
+
+# Characters the case-insensitive pattern folds onto the keywords' letters (long s,
+# Kelvin sign, dotted and dotless i), and the keywords' own pieces.
+_FOLDING = st.text(
+    alphabet=st.sampled_from(list("beaBEArRcCsStToOkKnN_=%3dD\":\t ſKİı") + ["x", "\u00e9"]),
+    max_size=40)
+
+
+@given(st.lists(st.one_of(_FOLDING, st.sampled_from(
+    ["bearer ", "BEARER\t", "access_token=", "ACCESS_TOKEN%3D", 'access_token":"',
+     "acceſſ_token=", "beareR  ", "Kelvin"])), max_size=6).map("".join))
+@example("acceſſ_token=abc")
+@example("access_to\u212aen=abc")  # the Kelvin sign folds to k
+@example("bearer\tabc")
+def test_redact_skips_the_regex_only_when_it_cannot_match(text: str) -> None:
+    """The keyword check in front of the pattern may only skip lines the pattern
+    would leave alone (the pattern folds case the way re does, long s included)."""
+    from wsproxy.log import _SECRET
+    assert redact(text) == _SECRET.sub(lambda m: m.group(1) + "[redacted]", text)
 
 
 @pytest.mark.parametrize("text", ["session_id=abc conn_id=7", "connection_open",
