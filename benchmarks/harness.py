@@ -317,6 +317,17 @@ def main() -> None:
           f"{args.workers / args.interval:g} msg/s, {args.payload}-byte payloads")
     for server in servers:
         print(server + ": " + ", ".join(f"{k}={median_of(runs[server], k):.3f}" for k in keys))
+    # The first server's cost as a fraction of each other's, round by round (a round's
+    # servers ran back to back, so machine drift cancels within it).
+    first = servers[0]
+    for other in servers[1:]:
+        for key in ("server_cpu_us_per_msg", "server_cpu_us_per_handshake"):
+            ratios = [a.summary()[key] / b.summary()[key]
+                      for a, b in zip(runs[first], runs[other], strict=True)
+                      if a.summary()[key] and b.summary()[key]]
+            if ratios:
+                print(f"{first}/{other} {key}: median {statistics.median(ratios):.2f} "
+                      f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
     if args.json:
         Path(args.json).write_text(json.dumps(
             {s: [m.summary() for m in ms] for s, ms in runs.items()}, indent=1))
