@@ -53,18 +53,19 @@ def _mask_fields(fields: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-_second = -1
-_second_text = ""
+# The last second formatted, as one tuple (a thread reads both halves at once).
+_second: tuple[int, str] = (-1, "")
 
 
 def _iso_time(created: float) -> str:
-    global _second, _second_text
+    global _second
     seconds = int(created)
     millis = int((created - seconds) * 1000)
-    if seconds != _second:
-        _second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-        _second = seconds
-    return f"{_second_text}.{millis:03d}Z"
+    cached, text = _second
+    if seconds != cached:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        _second = (seconds, text)
+    return f"{text}.{millis:03d}Z"
 
 
 class JsonFormatter(logging.Formatter):
