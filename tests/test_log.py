@@ -292,3 +292,14 @@ def test_configure_quiets_picows_info(restore_logging: None,
     logging.getLogger("picows.server").info("New connection accepted")
     logging.getLogger("picows.server").debug(f"GET /a/ws/b?access_token={SECRET}")
     assert capsys.readouterr().err == ""
+
+
+def test_time_is_right_across_seconds_with_the_cached_prefix() -> None:
+    """The seconds part is cached: records from different seconds, in any order, must
+    each show their own time."""
+    from wsproxy.log import _iso_time
+    base = 1_790_000_000.0
+    for created in (base, base + 0.5, base + 1.25, base - 3.75, base + 0.125, base + 86400.5):
+        expected = datetime.fromtimestamp(created, UTC)
+        millis = f"{expected.microsecond // 1000:03d}"
+        assert _iso_time(created) == expected.strftime("%Y-%m-%dT%H:%M:%S.") + millis + "Z"
