@@ -423,6 +423,29 @@ cdef inline Py_ssize_t _read_length(const char* p, Py_ssize_t pos, Py_ssize_t n,
     return pos + 2
 
 
+cdef inline Py_ssize_t _read_bulk(const char* p, Py_ssize_t pos, Py_ssize_t n,
+                                  Py_ssize_t* start, Py_ssize_t* size) noexcept:
+    """Read a non-null bulk string "$<size>\r\n<data>\r\n" at ``pos``: set ``start``
+    and ``size`` to its data and return the index after it, or NEED_MORE, or NOT_MINE
+    for anything else (a null bulk included)."""
+    if pos >= n:
+        return NEED_MORE
+    if p[pos] != 36:
+        return NOT_MINE
+    pos = _read_length(p, pos + 1, n, size)
+    if pos < 0:
+        return pos
+    if size[0] < 0:
+        return NOT_MINE
+    start[0] = pos
+    pos += size[0]
+    if pos + 2 > n:
+        return NEED_MORE
+    if p[pos] != 13 or p[pos + 1] != 10:
+        return NOT_MINE
+    return pos + 2
+
+
 cdef inline Py_ssize_t _line_end_crlf(const char* p, Py_ssize_t pos, Py_ssize_t n) noexcept:
     """The index after the next CRLF from ``pos``, or NEED_MORE."""
     cdef const char* cr
@@ -818,36 +841,24 @@ cdef class PubSubProtocol(RedisProtocol):
     cdef Py_ssize_t fast_reply(self, const char* p, Py_ssize_t pos, Py_ssize_t n) except -3:
         # "*3\r\n$7\r\nmessage\r\n$<n>\r\n<channel>\r\n$<n>\r\n<payload>\r\n", read
         # where it lies: the channel is looked up, the payload sent from the buffer.
-        cdef Py_ssize_t avail = n - pos, channel_size = 0, payload_size = 0, channel, payload
+        cdef Py_ssize_t avail = n - pos, channel = 0, channel_size = 0, payload = 0
+        cdef Py_ssize_t payload_size = 0
         cdef object route
         if memcmp(p + pos, b"*3\r\n$7\r\nmessage\r\n", avail if avail < 17 else 17) != 0:
             return NOT_MINE
-        if avail < 18:
+        if avail < 17:
             return NEED_MORE
-        pos += 17
-        if p[pos] != 36:
-            return NOT_MINE
-        channel = _read_length(p, pos + 1, n, &channel_size)
-        if channel < 0 or channel_size < 0:
-            return channel if channel == NEED_MORE else NOT_MINE
-        pos = channel + channel_size
-        if pos + 3 > n:
-            return NEED_MORE
-        if p[pos] != 13 or p[pos + 1] != 10 or p[pos + 2] != 36:
-            return NOT_MINE
-        payload = _read_length(p, pos + 3, n, &payload_size)
-        if payload < 0 or payload_size < 0:
-            return payload if payload == NEED_MORE else NOT_MINE
-        pos = payload + payload_size
-        if pos + 2 > n:
-            return NEED_MORE
-        if p[pos] != 13 or p[pos + 1] != 10:
-            return NOT_MINE
+        pos = _read_bulk(p, pos + 17, n, &channel, &channel_size)
+        if pos < 0:
+            return pos
+        pos = _read_bulk(p, pos, n, &payload, &payload_size)
+        if pos < 0:
+            return pos
         key = PyBytes_FromStringAndSize(p + channel, channel_size)
         route = self.routes.get(key)
         if route is not None:
             (<Route>route).deliver(p + payload, payload_size)
-        return pos + 2
+        return pos
 
     cdef int on_reply(self, object reply) except -1:
         cdef Route route
