@@ -6,6 +6,7 @@ by its PID.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -54,6 +55,22 @@ class NullEvents:
 
     def too_slow(self, listener) -> None:
         pass
+
+
+async def publishing_listener(sock, owner):
+    """A CommandProtocol on ``sock`` (its Redis end), the Upstream over it, and a
+    SessionListener of session ``s-1`` that publishes through it, for in-process tests.
+    Returns (transport, protocol, listener)."""
+    from wsproxy import _fastpath
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, sock)
+    proto = _fastpath.CommandProtocol(owner)
+    proto.connection_made(transport)
+    upstream = _fastpath.Upstream()
+    upstream.proto = proto
+    listener = _fastpath.SessionListener(upstream, b"session:s-1:up", 1, "s-1", "a",
+                                         NullEvents())
+    return transport, proto, listener
 
 
 async def close_codes(sockets, timeout: float = 10.0) -> list:

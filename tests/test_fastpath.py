@@ -12,7 +12,7 @@ from picows.picows import WSMsgType, _make_test_ws_frame
 
 from wsproxy import _fastpath
 
-from .conftest import NullEvents
+from .conftest import publishing_listener
 
 
 class _Owner:
@@ -27,13 +27,7 @@ def published_bytes(payloads: list[bytes], expect_len: int) -> bytes:
     async def main() -> bytes:
         ours, theirs = socket.socketpair()
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
-        proto = _fastpath.CommandProtocol(_Owner())
-        proto.connection_made(transport)
-        upstream = _fastpath.Upstream()
-        upstream.proto = proto
-        listener = _fastpath.SessionListener(upstream, b"session:s-1:up", 1, "s-1", "a",
-                                             NullEvents())
+        transport, _, listener = await publishing_listener(ours, _Owner())
         for payload in payloads:
             listener.on_ws_frame(None, _make_test_ws_frame(WSMsgType.TEXT, payload, True,
                                                            False))

@@ -19,7 +19,7 @@ from picows.picows import WSTransport
 
 from wsproxy import _fastpath
 
-from .conftest import NullEvents
+from .conftest import NullEvents, publishing_listener
 
 # ---------------------------------------------------------------------------
 # RESP values, their encoding, and what hiredis makes of them
@@ -314,14 +314,7 @@ def run_command(replies: list, cuts: list[int]):
     ours, theirs = socket.socketpair()
 
     async def main():
-        loop = asyncio.get_running_loop()
-        transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
-        proto = _fastpath.CommandProtocol(_Owner())
-        proto.connection_made(transport)
-        upstream = _fastpath.Upstream()
-        upstream.proto = proto
-        listener = _fastpath.SessionListener(upstream, b"session:s-1:up", 1, "s-1", "a",
-                                             NullEvents())
+        transport, proto, listener = await publishing_listener(ours, _Owner())
         for waiter, _ in replies:
             if waiter == "cb":
                 proto.request_cb(b"*1\r\n$4\r\nPING\r\n", lambda r: got.append(comparable(r)))
