@@ -1,12 +1,16 @@
-"""User-space instructions per handshake, counted by callgrind: a figure that does not
-drift with machine noise, for comparing two versions of the handshake path.
+"""User-space instructions per handshake or per message, counted by callgrind: figures
+that do not drift with machine noise, for comparing two versions of a path.
 
-    python benchmarks/instructions.py --sockets 1000
+    python benchmarks/instructions.py --sockets 1000                   # per handshake
+    python benchmarks/instructions.py --sockets 1000 --phase down      # per message down
+    python benchmarks/instructions.py --sockets 1000 --phase up        # per message up
 
 The proxy runs under ``valgrind --tool=callgrind`` with instrumentation off; it is
-switched on (``callgrind_control -i on``) for exactly the connect phase of one
-``examples/load_test.py`` run (N sockets, 200 at a time), then off. Kernel work is not
-counted: this is the part of a handshake's CPU that the code controls.
+switched on (``callgrind_control -i on``) for exactly one phase of one
+``examples/load_test.py`` run, then off: the connect phase (N sockets, 200 at a time),
+or the measured window of a paced run (each socket one message every ``--interval``
+seconds, for ``--duration``). Kernel work is not counted: this is the part of the CPU
+that the code controls.
 """
 
 from __future__ import annotations
@@ -27,7 +31,15 @@ import harness  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sockets", type=int, default=1000)
+    parser.add_argument("--phase", choices=("connect", "down", "up"), default="connect")
+    parser.add_argument("--interval", type=float, default=1.0,
+                        help="seconds between two messages of one socket (down, up)")
+    parser.add_argument("--duration", type=float, default=5.0,
+                        help="seconds of paced messages counted (down, up)")
     args = parser.parse_args()
+    counting = args.phase != "connect"
+    start, end = ("measure_start", "measure_end") if counting else ("connect_start",
+                                                                     "connect_end")
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not on PATH (apt-get install -y valgrind)")
@@ -53,16 +65,22 @@ def main() -> None:
                        capture_output=True, check=True)
 
     def on_phase(phase: str) -> None:
-        if phase == "connect_start":
+        if phase == start:
             control("on")
-        elif phase == "connect_end":
+        elif phase == end:
             control("off")
 
     import uvloop
     try:
         harness._wait(lambda: harness._healthy(port), 120, "wsproxy under callgrind")
-        result = uvloop.run(load_test.run_load_test(
-            args.sockets, 0.2, 0.5, 5, "127.0.0.1", port, redis_url=url, on_phase=on_phase))
+        if counting:
+            result = uvloop.run(load_test.run_load_test(
+                args.sockets, 1.0, args.duration, args.interval, "127.0.0.1", port,
+                redis_url=url, on_phase=on_phase, direction=args.phase))
+        else:
+            result = uvloop.run(load_test.run_load_test(
+                args.sockets, 0.2, 0.5, 5, "127.0.0.1", port, redis_url=url,
+                on_phase=on_phase))
     finally:
         proc.terminate()
         proc.wait(60)
@@ -75,6 +93,15 @@ def main() -> None:
                 total = max(total, int(line.split()[1]))
     if not total or result["connected"] != args.sockets:
         raise SystemExit(f"no count: {result['connected']} connected; see {out_dir}")
+    if counting:
+        if not result["received"] or result["lost"]:
+            raise SystemExit(f"{result['received']} received, {result['lost']} lost; "
+                             f"see {out_dir}")
+        # Messages counted: those of the measured window (the load test's own count).
+        print(f"{result['received']} messages {args.phase}: "
+              f"{total / result['received']:,.0f} instructions each "
+              f"(callgrind output in {out_dir})")
+        return
     print(f"{args.sockets} handshakes: {total / args.sockets:,.0f} instructions each "
           f"(callgrind output in {out_dir})")
 

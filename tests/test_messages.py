@@ -72,6 +72,25 @@ def test_downstream_byte_for_byte_in_order(proxy, redis_server, session):
     assert asyncio.run(main()) == payloads
 
 
+def test_downstream_sizes_around_the_send_paths(proxy, redis_server, session):
+    # A frame of up to 2,048 bytes is copied to one buffer and sent whole; a larger one
+    # goes header and payload apart. The header is 2 bytes below 126 payload bytes, 4
+    # from there: both sides of both edges, text and binary, byte for byte.
+    r = redis_server.client()
+    sizes = [0, 1, 124, 125, 126, 127, 2040, 2043, 2044, 2045, 2046, 2047, 2048, 65535, 65536]
+    texts = ['"' + "t" * (n - 2) + '"' if n >= 2 else "7" * n for n in sizes]
+    binaries = [b"\xff" * n for n in sizes if n]
+
+    async def main():
+        async with connect(proxy, session) as ws:
+            for p in [*texts, *binaries]:
+                r.publish(f"session:{session}:down", p)
+            return [await asyncio.wait_for(ws.recv(), 10) for _ in range(len(texts) +
+                                                                         len(binaries))]
+
+    assert asyncio.run(main()) == [*texts, *binaries]
+
+
 def test_downstream_not_utf8_goes_as_binary(proxy, redis_server, session):
     r = redis_server.client()
 

