@@ -138,8 +138,9 @@ def test_downstream_dispatch_one_message(benchmark, socket_pair_listener):
     socket (one sendmsg() into a Unix socket pair)."""
     loop, listener, _ = socket_pair_listener
     channel = b"session:s:down"
-    routes = {channel: _fastpath.Route(channel)}
-    routes[channel].listeners.append(listener)
+    routes = _fastpath.RouteTable()
+    routes[channel] = _fastpath.Route(channel)
+    routes[channel].add(listener)
     proto = _fastpath.PubSubProtocol(None, routes, lambda reply: None)
     payload = DOCS["small"]
     reply = b"*3\r\n$7\r\nmessage\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (

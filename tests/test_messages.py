@@ -135,19 +135,21 @@ def test_two_sockets_of_one_session_both_receive(proxy, redis_server, session):
     assert got_a == got_b == [f'{{"n":{i}}}' for i in range(50)]
 
 
-def test_closing_one_socket_keeps_the_other_subscribed(proxy, redis_server, session):
+@pytest.mark.parametrize("leaving", ["older", "newer"])
+def test_closing_one_socket_keeps_the_other_subscribed(proxy, redis_server, session, leaving):
     r = redis_server.client()
     channel = f"session:{session}:down"
 
     async def main():
         older = await connect(proxy, session)
         newer = await connect(proxy, session)
-        await older.close()
+        gone, staying = (older, newer) if leaving == "older" else (newer, older)
+        await gone.close()
         await asyncio.sleep(0.2)
         numsub = r.pubsub_numsub(channel)[0][1]
         r.publish(channel, '{"still":"here"}')
-        got = await asyncio.wait_for(newer.recv(), 5)
-        await newer.close()
+        got = await asyncio.wait_for(staying.recv(), 5)
+        await staying.close()
         await asyncio.sleep(0.2)
         return numsub, got, r.pubsub_numsub(channel)[0][1]
 

@@ -82,6 +82,13 @@ def pieces(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in zip(points, points[1:], strict=False)]
 
 
+def route_table(*routes: _fastpath.Route) -> _fastpath.RouteTable:
+    table = _fastpath.RouteTable()
+    for route in routes:
+        table[route.channel] = route
+    return table
+
+
 def message(channel: bytes, payload: bytes) -> bytes:
     return b"*3\r\n$7\r\nmessage\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
         len(channel), channel, len(payload), payload)
@@ -200,8 +207,8 @@ def run_pubsub(chunks: list[bytes], channel: bytes = b"session:s-1:down"):
                                              "s-1", "a", NullEvents())
         listener.on_ws_connected(wst)
         route = _fastpath.Route(channel)
-        route.listeners.append(listener)
-        proto = _fastpath.PubSubProtocol(owner, {channel: route},
+        route.add(listener)
+        proto = _fastpath.PubSubProtocol(owner, route_table(route),
                                          lambda reply: control.append(comparable(reply)))
         proto.connection_made(fake)
         for chunk in chunks:
@@ -218,6 +225,76 @@ def run_pubsub(chunks: list[bytes], channel: bytes = b"session:s-1:down"):
     finally:
         theirs.close()
     return control, frames, owner, fake
+
+
+# ---------------------------------------------------------------------------
+# The channel -> Route table the pub/sub read searches in C
+
+POOL = [b"session:%d:down" % i for i in range(300)] + [b"", b"x", b"12345678", b"y" * 200]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, len(POOL) - 1)), max_size=900))
+def test_route_table_finds_what_the_dict_holds(ops):
+    # Channels come and go in any order (deleting from the middle of a probe run
+    # included); after every step the C index agrees with a plain dict, for every
+    # channel, and stays at most half full.
+    table, model = _fastpath.RouteTable(), {}
+    for add, i in ops:
+        channel = POOL[i]
+        if add:
+            route = _fastpath.Route(channel)
+            table[channel] = route
+            model[channel] = route
+        elif channel in model:
+            del table[channel]
+            del model[channel]
+        else:
+            with pytest.raises(KeyError):
+                del table[channel]
+        assert len(table) == len(model)
+        assert table.index_size >= 2 * len(model)
+    for channel in POOL:
+        assert table.lookup(channel) is model.get(channel)
+        assert table.get(channel) is model.get(channel)
+    assert dict(table) == model
+
+
+def test_route_table_grows_and_gives_memory_back():
+    table = _fastpath.RouteTable()
+    small = table.index_size
+    for channel in POOL:
+        table[channel] = _fastpath.Route(channel)
+    assert table.index_size >= 2 * len(POOL) > small
+    for channel in POOL[5:]:
+        del table[channel]
+    assert table.index_size < 8 * 5 * 2 and sorted(table) == sorted(POOL[:5])
+    assert all(table.lookup(c).channel == c for c in POOL[:5])
+    assert all(table.lookup(c) is None for c in POOL[5:])
+
+
+def test_route_table_files_a_route_under_its_own_channel_only():
+    table = _fastpath.RouteTable()
+    with pytest.raises(ValueError):
+        table[b"session:a:down"] = _fastpath.Route(b"session:b:down")
+    first, second = _fastpath.Route(b"c"), _fastpath.Route(b"c")
+    table[b"c"] = first
+    table[b"c"] = second  # replaced, not added twice
+    assert len(table) == 1 and table.lookup(b"c") is second
+    del table[b"c"]
+    assert table.lookup(b"c") is None and len(table) == 0
+
+
+def test_route_single_listener_slot_follows_adds_and_removes():
+    route = _fastpath.Route(b"c")
+    a, b = (_fastpath.SessionListener(_fastpath.Upstream(), b"u", 1, "s", "a", NullEvents())
+            for _ in range(2))
+    route.add(a)
+    route.add(b)
+    assert route.listeners == (a, b) and len(route) == 2
+    assert route.remove(a) and not route.remove(a)
+    assert route.listeners == (b,)
+    assert route.remove(b) and len(route) == 0
 
 
 stream_items = st.lists(st.one_of(
@@ -281,7 +358,7 @@ def test_a_reply_whose_callback_raised_is_not_given_again():
         if len(seen) == 1:
             raise RuntimeError("callback broke")
 
-    proto = _fastpath.PubSubProtocol(_Owner(), {}, on_control)
+    proto = _fastpath.PubSubProtocol(_Owner(), _fastpath.RouteTable(), on_control)
 
     async def main():
         proto.connection_made(_Transport())
@@ -390,9 +467,10 @@ def test_a_failing_socket_does_not_cost_the_others_their_message(caplog):
             listeners.append(listener)
             transports.append(transport)
         route = _fastpath.Route(channel)
-        route.listeners.extend(listeners)
+        for listener in listeners:
+            route.add(listener)
         owner = _Owner()
-        proto = _fastpath.PubSubProtocol(owner, {channel: route}, lambda reply: None)
+        proto = _fastpath.PubSubProtocol(owner, route_table(route), lambda reply: None)
         proto.connection_made(_Transport())
         payload = b'"' + b"x" * 300_000 + b'"'  # more than the slow socket takes at once
         proto.data_received(message(channel, payload) + message(channel, b'{"n":2}'))

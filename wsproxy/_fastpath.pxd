@@ -1,6 +1,8 @@
 # The compiled core of wsproxy: every per-message path lives here.
 # Python code (http.py, session.py, redis/) sees it through _fastpath.pyi.
 
+from cpython.ref cimport PyObject
+from libc.stdint cimport uint64_t
 from picows.picows cimport WSListener, WSTransport, WSFrame, WSMsgType
 
 
@@ -60,15 +62,34 @@ cdef class Upstream:
 
 cdef class Route:
     cdef public bytes channel
-    cdef public list listeners
+    cdef list _listeners
+    cdef object single  # the only SessionListener, when there is exactly one; or None
     cdef public list waiters  # called with None (subscribed) or the error, once
     cdef public bint subscribed
 
     cdef int deliver(self, const char* payload, Py_ssize_t size) except -1
 
 
-cdef class PubSubProtocol(RedisProtocol):
+cdef struct RouteSlot:
+    uint64_t hash
+    Py_ssize_t size
+    const char* data   # the channel's bytes (owned by the Route's ``channel``)
+    PyObject* route    # NULL: a free slot (the table's dict holds the reference)
+
+
+cdef class RouteTable:
     cdef dict routes
+    cdef RouteSlot* slots
+    cdef size_t mask
+
+    cdef Route find(self, const char* p, Py_ssize_t n)
+    cdef size_t _slot_of(self, bytes channel) noexcept
+    cdef int _place(self, Route route) except -1
+    cdef int _resize(self, size_t size) except -1
+
+
+cdef class PubSubProtocol(RedisProtocol):
+    cdef RouteTable routes
     cdef public object on_control
 
 

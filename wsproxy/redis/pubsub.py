@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from .._fastpath import PubSubProtocol, Route, SessionListener, encode_command
+from .._fastpath import PubSubProtocol, Route, RouteTable, SessionListener, encode_command
 from ..config import RedisAddress
 from ..log import log_event
 from .connection import (
@@ -46,7 +46,7 @@ class PubSub(ReconnectingLink):
 
     def __init__(self, address: RedisAddress) -> None:
         super().__init__(address)
-        self.routes: dict[bytes, Route] = {}
+        self.routes = RouteTable()
         # What each control reply answers, in order: (kind, Route | Future | None).
         self._expected: deque[tuple[str, Any]] = deque()
         self._resubscribe_task: asyncio.Task[None] | None = None
@@ -131,11 +131,11 @@ class PubSub(ReconnectingLink):
         if route is None:
             route = Route(channel)
             self.routes[channel] = route
-            route.listeners.append(listener)
+            route.add(listener)
             self._expected.append(("subscribe", route))
             proto.send(encode_command("SUBSCRIBE", channel))
         else:
-            route.listeners.append(listener)
+            route.add(listener)
         return route
 
     @staticmethod
@@ -181,11 +181,9 @@ class PubSub(ReconnectingLink):
         route = self.routes.get(channel)
         if route is None:
             return
-        try:
-            route.listeners.remove(listener)
-        except ValueError:
+        if not route.remove(listener):
             return
-        if route.listeners:
+        if len(route):
             return
         del self.routes[channel]
         _notify(route, RedisUnavailable("subscription abandoned"))
