@@ -231,7 +231,7 @@ def pin_self() -> None:
 def measure(server: str, redis: Started, workers: int, warmup: float, duration: float,
             interval: float, payload_size: int = 128, env: dict[str, str] | None = None,
             pin: bool = True, direction: str = "down",
-            keep_samples: bool = False) -> Measurement:
+            keep_samples: bool = False, tick: float | None = None) -> Measurement:
     """Start ``server`` fresh, drive one load_test run at it, stop it."""
     load_test = load_test_module()
     redis_url = f"redis://127.0.0.1:{redis.port}"
@@ -257,7 +257,8 @@ def measure(server: str, redis: Started, workers: int, warmup: float, duration: 
         result = uvloop.run(load_test.run_load_test(
             workers, warmup, duration, interval, "127.0.0.1", started.port,
             redis_url=redis_url, payload_size=payload_size, on_phase=on_phase,
-            direction=direction, keep_samples=keep_samples))
+            direction=direction, keep_samples=keep_samples,
+            **({"tick": tick} if tick is not None else {})))
     finally:
         started.stop()
     (t0, c0), (t1, c1) = marks["measure_start"], marks["measure_end"]
@@ -288,6 +289,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2)
     parser.add_argument("--payload", type=int, default=128)
     parser.add_argument("--direction", choices=("down", "up"), default="down")
+    parser.add_argument("--tick", type=float, default=None,
+                        help="the load generator's pacing step in seconds (its default: "
+                             "0.0005)")
     parser.add_argument("--no-pin", action="store_true",
                         help="let the scheduler place every process (latency at low load is "
                              "then not set by Redis and the load generator sharing a core)")
@@ -305,7 +309,8 @@ def main() -> None:
         for round_ in range(args.rounds):
             for server in servers:  # A B A B: drift hits every server alike
                 m = measure(server, redis, args.workers, args.warmup, args.duration,
-                            args.interval, args.payload, direction=args.direction)
+                            args.interval, args.payload, direction=args.direction,
+                            tick=args.tick)
                 runs[server].append(m)
                 print(f"round {round_ + 1} {json.dumps(m.summary())}", flush=True)
     finally:

@@ -364,6 +364,32 @@ def test_load_test_duration_format():
     assert fmt(61_000_000_001) == "61.000000001s"
 
 
+def test_load_test_pacer_never_wakes_early_and_closes_its_timer():
+    # The sender's pacing: each wait ends at its due instant or after, never before
+    # (a timerfd on the clock of perf_counter_ns), and at least a tick after it began.
+    lt = load_module("load_test")
+    import asyncio
+
+    async def main():
+        pacer = lt._Pacer(0.0005)
+        fd = pacer.fd
+        late = []
+        for step in (0.0002, 0.002, 0.0001, 0.003, -0.01):
+            start = time.perf_counter_ns()
+            due = start + int(step * 1e9)
+            await pacer.until(due)
+            woke = time.perf_counter_ns()
+            late.append((woke - max(due, start + pacer.tick_ns), step))
+        pacer.close()
+        return fd, late
+
+    fd, late = asyncio.run(main())
+    assert fd >= 0, "no timerfd on Linux"
+    assert all(d >= 0 for d, _ in late), late
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed with the pacer
+
+
 def check_load_test_run(r: subprocess.CompletedProcess, out: Path, direction: str,
                         redis_server) -> dict:
     """20 workers x (2 s / 0.2 s) messages: the seed's block, every message delivered once
