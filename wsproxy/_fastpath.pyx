@@ -5,8 +5,9 @@
   RESP ``PUBLISH`` appended to the command connection's write buffer, flushed once a
   loop iteration; replies matched FIFO to their sockets.
 - down: Redis bytes -> ``message`` replies read where they lie in the read buffer ->
-  channel lookup -> one ``sendmsg()`` per socket, straight from that buffer. Replies
-  of any other kind are cut out at their boundary and read by hiredis.
+  channel lookup in a C index (RouteTable) -> one ``send()`` per socket (a frame up
+  to 2 KiB put together on the stack) or one ``sendmsg()`` straight from that buffer.
+  Replies of any other kind are cut out at their boundary and read by hiredis.
 
 Nothing here awaits; everything that is not per message lives in plain Python.
 """
