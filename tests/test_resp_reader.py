@@ -491,3 +491,80 @@ def test_a_failing_socket_does_not_cost_the_others_their_message(caplog):
     assert [f[1] for f in frames] == [b'"' + b"x" * 300_000 + b'"', b'{"n":2}']
     assert "delivery to a socket failed" in caplog.text
     assert owner.protocol_errors == []
+
+
+def test_one_read_of_many_routes_reaches_each_socket_in_order():
+    """A burst read in one go, as under load: messages for routes with one socket, with
+    two, with one still in its handshake, for a channel nobody holds, and for a socket
+    already closed, interleaved. Each open socket gets exactly its own messages, in
+    order; the one in its handshake keeps its own for later; nothing else is sent."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        table, pairs, transports = _fastpath.RouteTable(), [], []
+
+        async def connected(channel: bytes):
+            ours, theirs = socket.socketpair()
+            for sock in (ours, theirs):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+            transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
+            wst = WSTransport(False, transport, logging.getLogger("test"), loop)
+            listener = _fastpath.SessionListener(_fastpath.Upstream(), b"up", 1, "s", "a",
+                                                 NullEvents())
+            listener.on_ws_connected(wst)
+            pairs.append((channel, theirs, wst))
+            transports.append(transport)
+            return listener
+
+        singles = [b"session:one-%d:down" % i for i in range(12)]
+        shared, waiting, closed = b"session:two:down", b"session:hs:down", b"session:x:down"
+        for channel in [*singles, shared, closed]:
+            table[channel] = _fastpath.Route(channel)
+        for channel in singles:
+            table[channel].add(await connected(channel))
+        table[shared].add(await connected(shared))
+        table[shared].add(await connected(shared))
+        in_handshake = _fastpath.SessionListener(_fastpath.Upstream(), b"up", 1, "s", "a",
+                                                 NullEvents())
+        table[waiting] = _fastpath.Route(waiting)
+        table[waiting].add(in_handshake)
+        table[closed].add(await connected(closed))
+        pairs[-1][2].disconnect()  # picows closes this one's transport
+        await asyncio.sleep(0.01)
+
+        order = [*singles, shared, waiting, b"session:nobody:down", closed] * 3
+        stream = b"".join(message(c, b'{"c":"%s","n":%d}' % (c, n))
+                          for n, c in enumerate(order))
+        proto = _fastpath.PubSubProtocol(_Owner(), table, lambda reply: None)
+        proto.connection_made(_Transport())
+        proto.data_received(stream)
+        await asyncio.sleep(0.05)
+        got = {}
+        for channel, theirs, _ in pairs[:-1]:
+            got.setdefault(channel, []).append([f[1] for f in read_frames(theirs)])
+        after_close = [f for f in read_frames(pairs[-1][1]) if f[0] == 1]
+        # The socket that was in its handshake gets its own once picows hands it over.
+        ours, theirs = socket.socketpair()
+        transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
+        transports.append(transport)
+        in_handshake.on_ws_connected(WSTransport(False, transport, logging.getLogger("t"), loop))
+        await asyncio.sleep(0.05)
+        got[waiting] = [[f[1] for f in read_frames(theirs)]]
+        theirs.close()
+        for transport in transports:
+            transport.abort()
+        await asyncio.sleep(0)
+        for _, theirs, _ in pairs:
+            theirs.close()
+        return order, got, after_close
+
+    order, got, after_close = asyncio.run(main())
+    expected = {}
+    for n, channel in enumerate(order):
+        expected.setdefault(channel, []).append(b'{"c":"%s","n":%d}' % (channel, n))
+    for channel, per_socket in got.items():
+        assert per_socket == [expected[channel]] * len(per_socket), channel
+    assert len(got[b"session:two:down"]) == 2
+    assert len(got) == 14 and len(got[b"session:hs:down"][0]) == 3
+    assert after_close == []  # nothing written to a closed socket

@@ -44,6 +44,7 @@ cdef class RedisProtocol:
     cdef int write(self, const char* data, Py_ssize_t size) except -1
     cdef int _schedule_flush(self) except -1
     cdef int on_reply(self, object reply) except -1
+    cdef int prepare(self, const char* p, Py_ssize_t pos, Py_ssize_t n) except -1
     cdef Py_ssize_t fast_reply(self, const char* p, Py_ssize_t pos, Py_ssize_t n) except -3
     cdef int _reply_via_hiredis(self, const char* p, Py_ssize_t size) except -1
 
@@ -83,6 +84,7 @@ cdef class RouteTable:
     cdef size_t mask
 
     cdef Route find(self, const char* p, Py_ssize_t n)
+    cdef RouteSlot* home_slot(self, const char* p, Py_ssize_t n) noexcept
     cdef size_t _slot_of(self, bytes channel) noexcept
     cdef int _place(self, Route route) except -1
     cdef int _resize(self, size_t size) except -1
