@@ -83,15 +83,27 @@ cdef class RouteTable:
     cdef RouteSlot* slots
     cdef size_t mask
 
-    cdef Route find(self, const char* p, Py_ssize_t n)
-    cdef RouteSlot* home_slot(self, const char* p, Py_ssize_t n) noexcept
+    cdef Route find_hashed(self, const char* p, Py_ssize_t n, uint64_t h)
+    cdef RouteSlot* slot_for(self, uint64_t h) noexcept
     cdef size_t _slot_of(self, bytes channel) noexcept
     cdef int _place(self, Route route) except -1
     cdef int _resize(self, size_t size) except -1
 
 
+cdef enum:
+    PREFETCH_DEPTH = 16  # messages of one read parsed ahead and prefetched
+
+
+cdef struct PreparedMessage:  # one pub/sub message, parsed ahead (offsets in the read)
+    Py_ssize_t start, end, channel, channel_size, payload, payload_size
+    uint64_t hash
+
+
 cdef class PubSubProtocol(RedisProtocol):
     cdef RouteTable routes
+    cdef PreparedMessage pre[PREFETCH_DEPTH]
+    cdef int pre_count  # parsed ahead in this read
+    cdef int pre_next   # the next of them fast_reply will meet
     cdef public object on_control
 
 

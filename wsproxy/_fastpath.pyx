@@ -881,7 +881,6 @@ cdef class Route:
 
 cdef enum:
     MIN_ROUTE_SLOTS = 64
-    PREFETCH_DEPTH = 16  # messages of one read whose objects are prefetched
 
 cdef uint64_t g_route_seed = 0
 
@@ -930,9 +929,8 @@ cdef class RouteTable:
     def __dealloc__(self):
         free(self.slots)
 
-    cdef Route find(self, const char* p, Py_ssize_t n):
-        """The Route of channel ``p[:n]``, or None."""
-        cdef uint64_t h = _channel_hash(p, n)
+    cdef Route find_hashed(self, const char* p, Py_ssize_t n, uint64_t h):
+        """The Route of channel ``p[:n]`` (whose _channel_hash is ``h``), or None."""
         cdef size_t i = <size_t>h & self.mask
         cdef RouteSlot* slot
         while True:
@@ -943,9 +941,9 @@ cdef class RouteTable:
                 return <Route>slot.route
             i = (i + 1) & self.mask
 
-    cdef RouteSlot* home_slot(self, const char* p, Py_ssize_t n) noexcept:
-        """Where the search for channel ``p[:n]`` starts (for prefetching)."""
-        return &self.slots[<size_t>_channel_hash(p, n) & self.mask]
+    cdef RouteSlot* slot_for(self, uint64_t h) noexcept:
+        """Where the search for a channel of hash ``h`` starts (for prefetching)."""
+        return &self.slots[<size_t>h & self.mask]
 
     cdef size_t _slot_of(self, bytes channel) noexcept:
         cdef const char* p = PyBytes_AS_STRING(channel)
@@ -1037,7 +1035,9 @@ cdef class RouteTable:
 
     def lookup(self, bytes channel):
         """What the pub/sub read finds for ``channel`` in the C index (for tests)."""
-        return self.find(PyBytes_AS_STRING(channel), PyBytes_GET_SIZE(channel))
+        return self.find_hashed(PyBytes_AS_STRING(channel), PyBytes_GET_SIZE(channel),
+                                _channel_hash(PyBytes_AS_STRING(channel),
+                                              PyBytes_GET_SIZE(channel)))
 
     @property
     def index_size(self) -> int:
@@ -1062,6 +1062,16 @@ cdef class PubSubProtocol(RedisProtocol):
         cdef Py_ssize_t avail = n - pos, channel = 0, channel_size = 0, payload = 0
         cdef Py_ssize_t payload_size = 0
         cdef Route route
+        cdef PreparedMessage* m
+        if self.pre_next < self.pre_count and self.pre[self.pre_next].start == pos:
+            # Read already by prepare() (same buffer: it runs at the start of each
+            # read and nothing moves the buffer before its messages are handled).
+            m = &self.pre[self.pre_next]
+            self.pre_next += 1
+            route = self.routes.find_hashed(p + m.channel, m.channel_size, m.hash)
+            if route is not None:
+                route.deliver(p + m.payload, m.payload_size)
+            return m.end
         if memcmp(p + pos, b"*3\r\n$7\r\nmessage\r\n", avail if avail < 17 else 17) != 0:
             return NOT_MINE
         if avail < 17:
@@ -1072,7 +1082,8 @@ cdef class PubSubProtocol(RedisProtocol):
         pos = _read_bulk(p, pos, n, &payload, &payload_size)
         if pos < 0:
             return pos
-        route = self.routes.find(p + channel, channel_size)
+        route = self.routes.find_hashed(p + channel, channel_size,
+                                        _channel_hash(p + channel, channel_size))
         if route is not None:
             route.deliver(p + payload, payload_size)
         return pos
@@ -1080,38 +1091,47 @@ cdef class PubSubProtocol(RedisProtocol):
     cdef int prepare(self, const char* p, Py_ssize_t pos, Py_ssize_t n) except -1:
         # The messages of one read are each for a different socket, so the index
         # slot, the channel's bytes, the route, the listener and its transport are
-        # all cold: five cache misses a message, one after the other. Fetched here
-        # in stages for the first PREFETCH_DEPTH messages, each stage's misses
-        # overlap one another and are done by the time the messages are handled.
-        # Nothing is decided here: a slot that turns out to hold another channel
-        # only wasted a prefetch.
-        cdef RouteSlot* slots[PREFETCH_DEPTH]
+        # all cold: five cache misses a message, one after the other. Here the
+        # first PREFETCH_DEPTH messages of the read are parsed and hashed once (the
+        # parse is kept for fast_reply) and what they will touch is prefetched in
+        # stages, so each stage's misses overlap and are done by the time the
+        # messages are handled. Nothing is decided here: a slot that turns out to
+        # hold another channel only wasted a prefetch.
+        cdef RouteSlot* slot
         cdef PyObject* objects[PREFETCH_DEPTH]
+        cdef PreparedMessage* m
         cdef int count = 0, i
-        cdef Py_ssize_t channel = 0, channel_size = 0, payload = 0, payload_size = 0
+        cdef Py_ssize_t end
         cdef PyObject* obj
+        self.pre_count = self.pre_next = 0
         while count < PREFETCH_DEPTH and n - pos >= 17:
             if memcmp(p + pos, b"*3\r\n$7\r\nmessage\r\n", 17) != 0:
                 break
-            pos = _read_bulk(p, pos + 17, n, &channel, &channel_size)
-            if pos < 0:
+            m = &self.pre[count]
+            end = _read_bulk(p, pos + 17, n, &m.channel, &m.channel_size)
+            if end < 0:
                 break
-            pos = _read_bulk(p, pos, n, &payload, &payload_size)
-            if pos < 0:
+            end = _read_bulk(p, end, n, &m.payload, &m.payload_size)
+            if end < 0:
                 break
-            slots[count] = self.routes.home_slot(p + channel, channel_size)
-            __builtin_prefetch(slots[count])
+            m.start = pos
+            m.end = pos = end
+            m.hash = _channel_hash(p + m.channel, m.channel_size)
             count += 1
+        self.pre_count = count
         if count < 2:
             return 0  # one message: nothing to overlap
+        for i in range(count):
+            __builtin_prefetch(self.routes.slot_for(self.pre[i].hash))
         # Offsets: objects are 16-byte aligned, so a prefetch at the first and the
         # last field used covers every cache line those fields lie on.
         for i in range(count):  # slot -> the route and the channel's bytes
-            objects[i] = slots[i].route
+            slot = self.routes.slot_for(self.pre[i].hash)
+            objects[i] = slot.route
             if objects[i] != NULL:
                 __builtin_prefetch(objects[i])  # refcount ... single
                 __builtin_prefetch(<char*>objects[i] + 48)
-                __builtin_prefetch(slots[i].data)
+                __builtin_prefetch(slot.data)
         for i in range(count):  # route -> its only listener
             if objects[i] != NULL:
                 obj = <PyObject*>(<Route>objects[i]).single
