@@ -671,17 +671,20 @@ class _Pacer:
         self.loop = asyncio.get_running_loop()
         self.fd = -1
         self.waiter: asyncio.Future[None] | None = None
+        self.spec = _Itimerspec()
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             self._settime = libc.timerfd_settime
             fd = libc.timerfd_create(time.CLOCK_MONOTONIC, os.O_NONBLOCK | os.O_CLOEXEC)
-        except (AttributeError, OSError):
+        except (AttributeError, OSError, TypeError):  # no timerfd (TypeError: Windows)
             fd = -1
         if fd >= 0:
-            self.fd = fd
-            self.spec = _Itimerspec()
-            self.loop.add_reader(fd, self._expired)
-        else:
+            try:
+                self.loop.add_reader(fd, self._expired)
+                self.fd = fd
+            except (NotImplementedError, OSError):
+                os.close(fd)
+        if self.fd < 0:
             self.tick_ns = max(self.tick_ns, int(MIN_TICK * 1e9))
 
     def _expired(self) -> None:
@@ -700,7 +703,9 @@ class _Pacer:
             return
         self.spec.it_value.tv_sec, self.spec.it_value.tv_nsec = divmod(due_ns, 1_000_000_000)
         if self._settime(self.fd, 1, ctypes.byref(self.spec), None) != 0:  # ABSTIME
-            raise OSError(ctypes.get_errno(), "timerfd_settime failed")
+            # Should not happen; if it does, the loop's timer still keeps the pace.
+            await asyncio.sleep(max((due_ns - now) / 1e9, MIN_TICK))
+            return
         self.waiter = self.loop.create_future()
         await self.waiter
 

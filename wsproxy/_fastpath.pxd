@@ -62,7 +62,7 @@ cdef class Upstream:
 
 
 cdef class Route:
-    cdef public bytes channel
+    cdef readonly bytes channel  # the route table's index points into these bytes
     cdef list _listeners
     cdef object single  # the only SessionListener, when there is exactly one; or None
     cdef public list waiters  # called with None (subscribed) or the error, once

@@ -829,12 +829,12 @@ cdef class Route:
         self.waiters = []
         self.subscribed = False
 
-    def add(self, SessionListener listener) -> None:
+    def add(self, SessionListener listener not None) -> None:
         """Deliver this channel's messages to ``listener`` too (after the others)."""
         self._listeners.append(listener)
         self.single = listener if len(self._listeners) == 1 else None
 
-    def remove(self, SessionListener listener) -> bool:
+    def remove(self, SessionListener listener not None) -> bool:
         """Stop delivering to ``listener``; False if it was not here."""
         try:
             self._listeners.remove(listener)
@@ -978,7 +978,7 @@ cdef class RouteTable:
             self._place(<Route>route)
         return 0
 
-    def __setitem__(self, bytes channel, Route route):
+    def __setitem__(self, bytes channel not None, Route route not None):
         if channel != route.channel:
             raise ValueError("a route is filed under its own channel")
         if channel in self.routes:
@@ -988,7 +988,7 @@ cdef class RouteTable:
         self.routes[route.channel] = route
         self._place(route)
 
-    def __delitem__(self, bytes channel):
+    def __delitem__(self, bytes channel not None):
         # Held until the slot is cleared: its data points into the route's channel.
         cdef Route route = self.routes.pop(channel)  # KeyError if absent
         # Backward-shift deletion: later slots of the same probe run move up, so a
@@ -1009,10 +1009,10 @@ cdef class RouteTable:
         if size > MIN_ROUTE_SLOTS and <size_t>(8 * len(self.routes)) < size:
             self._resize(size // 2)  # give memory back after a peak
 
-    def get(self, bytes channel, default=None):
+    def get(self, channel, default=None):
         return self.routes.get(channel, default)
 
-    def __getitem__(self, bytes channel):
+    def __getitem__(self, channel):
         return self.routes[channel]
 
     def __contains__(self, channel):
@@ -1033,7 +1033,7 @@ cdef class RouteTable:
     def items(self):
         return self.routes.items()
 
-    def lookup(self, bytes channel):
+    def lookup(self, bytes channel not None):
         """What the pub/sub read finds for ``channel`` in the C index (for tests)."""
         return self.find_hashed(PyBytes_AS_STRING(channel), PyBytes_GET_SIZE(channel),
                                 _channel_hash(PyBytes_AS_STRING(channel),
@@ -1051,7 +1051,7 @@ g_route_seed = _mix(int.from_bytes(os.urandom(8), "little"))
 cdef class PubSubProtocol(RedisProtocol):
     """The pub/sub connection: ``message`` pushes go to their Route; the rest to on_control."""
 
-    def __init__(self, owner, RouteTable routes, on_control):
+    def __init__(self, owner, RouteTable routes not None, on_control):
         RedisProtocol.__init__(self, owner)
         self.routes = routes
         self.on_control = on_control
