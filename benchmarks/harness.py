@@ -133,10 +133,22 @@ def _healthy(port: int) -> bool:
 
 
 def server_command(kind: str, port: int) -> tuple[list[str], Path | None, dict[str, str]]:
-    """How to start server ``kind``: (argv, cwd, extra env)."""
+    """How to start server ``kind``: (argv, cwd, extra env).
+
+    ``wsproxy@DIR`` is wsproxy from another checkout (its extension built in place:
+    ``python setup.py build_ext --inplace`` there), to compare two versions in one run:
+    ``git worktree add /tmp/old HEAD~1`` then ``--servers wsproxy,wsproxy@/tmp/old``.
+    """
     if kind == "wsproxy":
         return ([sys.executable, "-m", "wsproxy"], None,
                 {"HOST": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "warning"})
+    if kind.startswith("wsproxy@"):
+        checkout = Path(kind.split("@", 1)[1]).resolve()
+        if not (checkout / "wsproxy" / "__init__.py").is_file():
+            raise ValueError(f"{kind!r}: no wsproxy package in {checkout}")
+        return ([sys.executable, "-m", "wsproxy"], checkout,
+                {"HOST": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "warning",
+                 "PYTHONPATH": str(checkout)})
     if kind.startswith("wsproxy-workers"):
         n = kind.rsplit("-", 1)[1] if kind.count("-") == 2 else "2"
         return ([sys.executable, "-m", "wsproxy"], None,
@@ -155,7 +167,7 @@ def start_server(kind: str, redis_url: str, env: dict[str, str] | None = None,
                  pin: bool = True) -> Started:
     port = free_port()
     argv, cwd, extra = server_command(kind, port)
-    log = Path(f"/tmp/bench-{kind}-{port}.log")
+    log = Path(f"/tmp/bench-{kind.replace('/', '_')}-{port}.log")
     full_env = {**os.environ, "REDIS_URL": redis_url, **extra, **(env or {})}
     prefix = _taskset(PROXY_CORE) if pin and not kind.startswith("wsproxy-workers") else []
     proc = subprocess.Popen(prefix + argv, cwd=cwd, env=full_env, stdout=log.open("wb"),
