@@ -85,7 +85,6 @@ cdef class RouteTable:
 
     cdef Route find_hashed(self, const char* p, Py_ssize_t n, uint64_t h)
     cdef RouteSlot* slot_for(self, uint64_t h) noexcept
-    cdef size_t _slot_of(self, bytes channel) noexcept
     cdef int _place(self, Route route) except -1
     cdef int _resize(self, size_t size) except -1
 

@@ -913,6 +913,18 @@ cdef inline uint64_t _channel_hash(const char* p, Py_ssize_t n) noexcept:
     return h
 
 
+cdef inline size_t _probe(RouteSlot* slots, size_t mask, const char* p, Py_ssize_t n,
+                         uint64_t h) noexcept:
+    """The slot holding channel ``p[:n]`` (hash ``h``), or else the free slot that ends
+    its probe run (where it would go)."""
+    cdef size_t i = <size_t>h & mask
+    while slots[i].route != NULL:
+        if slots[i].hash == h and slots[i].size == n and memcmp(slots[i].data, p, n) == 0:
+            return i
+        i = (i + 1) & mask
+    return i
+
+
 cdef class RouteTable:
     """The channel -> Route table: a dict for Python code, and beside it an
     open-addressing index (linear probing, at most half full) that the pub/sub read
@@ -931,40 +943,22 @@ cdef class RouteTable:
 
     cdef Route find_hashed(self, const char* p, Py_ssize_t n, uint64_t h):
         """The Route of channel ``p[:n]`` (whose _channel_hash is ``h``), or None."""
-        cdef size_t i = <size_t>h & self.mask
-        cdef RouteSlot* slot
-        while True:
-            slot = &self.slots[i]
-            if slot.route == NULL:
-                return None
-            if slot.hash == h and slot.size == n and memcmp(slot.data, p, n) == 0:
-                return <Route>slot.route
-            i = (i + 1) & self.mask
+        cdef RouteSlot* slot = &self.slots[_probe(self.slots, self.mask, p, n, h)]
+        return None if slot.route == NULL else <Route>slot.route
 
     cdef RouteSlot* slot_for(self, uint64_t h) noexcept:
         """Where the search for a channel of hash ``h`` starts (for prefetching)."""
         return &self.slots[<size_t>h & self.mask]
 
-    cdef size_t _slot_of(self, bytes channel) noexcept:
-        cdef const char* p = PyBytes_AS_STRING(channel)
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(channel)
-        cdef uint64_t h = _channel_hash(p, n)
-        cdef size_t i = <size_t>h & self.mask
-        while self.slots[i].route != NULL:
-            if (self.slots[i].hash == h and self.slots[i].size == n
-                    and memcmp(self.slots[i].data, p, n) == 0):
-                return i
-            i = (i + 1) & self.mask
-        return i
-
     cdef int _place(self, Route route) except -1:
-        cdef bytes channel = route.channel
-        cdef size_t i = self._slot_of(channel)
-        self.slots[i].hash = _channel_hash(PyBytes_AS_STRING(channel),
-                                           PyBytes_GET_SIZE(channel))
-        self.slots[i].size = PyBytes_GET_SIZE(channel)
-        self.slots[i].data = PyBytes_AS_STRING(channel)
-        self.slots[i].route = <PyObject*>route
+        cdef const char* p = PyBytes_AS_STRING(route.channel)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(route.channel)
+        cdef uint64_t h = _channel_hash(p, n)
+        cdef RouteSlot* slot = &self.slots[_probe(self.slots, self.mask, p, n, h)]
+        slot.hash = h
+        slot.size = n
+        slot.data = p
+        slot.route = <PyObject*>route
         return 0
 
     cdef int _resize(self, size_t size) except -1:
@@ -993,7 +987,9 @@ cdef class RouteTable:
         cdef Route route = self.routes.pop(channel)  # KeyError if absent
         # Backward-shift deletion: later slots of the same probe run move up, so a
         # search never stops early at the hole (no tombstones).
-        cdef size_t i = self._slot_of(channel), j = i, home
+        cdef const char* p = PyBytes_AS_STRING(channel)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(channel)
+        cdef size_t i = _probe(self.slots, self.mask, p, n, _channel_hash(p, n)), j = i, home
         self.slots[i].route = NULL
         while True:
             j = (j + 1) & self.mask
