@@ -1044,6 +1044,28 @@ cdef class RouteTable:
 g_route_seed = _mix(int.from_bytes(os.urandom(8), "little"))
 
 
+cdef inline Py_ssize_t _read_message(const char* p, Py_ssize_t pos, Py_ssize_t n,
+                                     PreparedMessage* m) noexcept:
+    """Read the pub/sub push "*3\r\n$7\r\nmessage\r\n$<n>\r\n<channel>\r\n$<n>\r\n
+    <payload>\r\n" at ``pos`` into ``m`` (offsets, end, the channel's hash); return
+    its end, NOT_MINE for any other reply, or NEED_MORE."""
+    cdef Py_ssize_t avail = n - pos, end
+    if memcmp(p + pos, b"*3\r\n$7\r\nmessage\r\n", avail if avail < 17 else 17) != 0:
+        return NOT_MINE
+    if avail < 17:
+        return NEED_MORE
+    end = _read_bulk(p, pos + 17, n, &m.channel, &m.channel_size)
+    if end < 0:
+        return end
+    end = _read_bulk(p, end, n, &m.payload, &m.payload_size)
+    if end < 0:
+        return end
+    m.start = pos
+    m.end = end
+    m.hash = _channel_hash(p + m.channel, m.channel_size)
+    return end
+
+
 cdef class PubSubProtocol(RedisProtocol):
     """The pub/sub connection: ``message`` pushes go to their Route; the rest to on_control."""
 
@@ -1055,34 +1077,24 @@ cdef class PubSubProtocol(RedisProtocol):
     cdef Py_ssize_t fast_reply(self, const char* p, Py_ssize_t pos, Py_ssize_t n) except -3:
         # "*3\r\n$7\r\nmessage\r\n$<n>\r\n<channel>\r\n$<n>\r\n<payload>\r\n", read
         # where it lies: the channel is looked up, the payload sent from the buffer.
-        cdef Py_ssize_t avail = n - pos, channel = 0, channel_size = 0, payload = 0
-        cdef Py_ssize_t payload_size = 0
         cdef Route route
+        cdef PreparedMessage one
         cdef PreparedMessage* m
+        cdef Py_ssize_t end
         if self.pre_next < self.pre_count and self.pre[self.pre_next].start == pos:
             # Read already by prepare() (same buffer: it runs at the start of each
             # read and nothing moves the buffer before its messages are handled).
             m = &self.pre[self.pre_next]
             self.pre_next += 1
-            route = self.routes.find_hashed(p + m.channel, m.channel_size, m.hash)
-            if route is not None:
-                route.deliver(p + m.payload, m.payload_size)
-            return m.end
-        if memcmp(p + pos, b"*3\r\n$7\r\nmessage\r\n", avail if avail < 17 else 17) != 0:
-            return NOT_MINE
-        if avail < 17:
-            return NEED_MORE
-        pos = _read_bulk(p, pos + 17, n, &channel, &channel_size)
-        if pos < 0:
-            return pos
-        pos = _read_bulk(p, pos, n, &payload, &payload_size)
-        if pos < 0:
-            return pos
-        route = self.routes.find_hashed(p + channel, channel_size,
-                                        _channel_hash(p + channel, channel_size))
+        else:
+            end = _read_message(p, pos, n, &one)
+            if end < 0:
+                return end
+            m = &one
+        route = self.routes.find_hashed(p + m.channel, m.channel_size, m.hash)
         if route is not None:
-            route.deliver(p + payload, payload_size)
-        return pos
+            route.deliver(p + m.payload, m.payload_size)
+        return m.end
 
     cdef int prepare(self, const char* p, Py_ssize_t pos, Py_ssize_t n) except -1:
         # The messages of one read are each for a different socket, so the index
@@ -1095,24 +1107,15 @@ cdef class PubSubProtocol(RedisProtocol):
         # hold another channel only wasted a prefetch.
         cdef RouteSlot* slot
         cdef PyObject* objects[PREFETCH_DEPTH]
-        cdef PreparedMessage* m
         cdef int count = 0, i
         cdef Py_ssize_t end
         cdef PyObject* obj
         self.pre_count = self.pre_next = 0
-        while count < PREFETCH_DEPTH and n - pos >= 17:
-            if memcmp(p + pos, b"*3\r\n$7\r\nmessage\r\n", 17) != 0:
-                break
-            m = &self.pre[count]
-            end = _read_bulk(p, pos + 17, n, &m.channel, &m.channel_size)
+        while count < PREFETCH_DEPTH:
+            end = _read_message(p, pos, n, &self.pre[count])
             if end < 0:
-                break
-            end = _read_bulk(p, end, n, &m.payload, &m.payload_size)
-            if end < 0:
-                break
-            m.start = pos
-            m.end = pos = end
-            m.hash = _channel_hash(p + m.channel, m.channel_size)
+                break  # not a message, or not all here: fast_reply will say which
+            pos = end
             count += 1
         self.pre_count = count
         if count < 2:
