@@ -270,7 +270,7 @@ def measure(server: str, redis: Started, workers: int, warmup: float, duration: 
             workers, warmup, duration, interval, "127.0.0.1", started.port,
             redis_url=redis_url, payload_size=payload_size, on_phase=on_phase,
             direction=direction, keep_samples=keep_samples,
-            **({"tick": tick} if tick is not None else {})))
+            tick=load_test.TICK if tick is None else tick))
     finally:
         started.stop()
     (t0, c0), (t1, c1) = marks["measure_start"], marks["measure_end"]
