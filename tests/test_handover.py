@@ -163,3 +163,124 @@ def test_transport_for_picows_passes_through_and_picows_sets_nodelay():
         return nodelay
 
     assert uvloop.run(main()) == 1
+
+
+# The upgrade itself: _fastpath.accept_upgrade, and picows' own negotiation as fallback.
+RFC_KEY = b"dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 section 1.3's example
+RFC_101 = (b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n"
+           b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n")
+
+
+def _masked_text(payload: bytes) -> bytes:
+    mask = b"\x01\x02\x03\x04"
+    return (bytes([0x81, 0x80 | len(payload)]) + mask
+            + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["accept_upgrade", "picows_negotiates"])
+def test_hand_over_upgrades_sends_and_receives(fast, monkeypatch):
+    """Both ways of upgrading give the client the same 101 (RFC 6455's accept value for
+    its key), leave picows parsing frames (state READ_HEADER), deliver a frame sent with
+    the request head, carry frames both ways, and report the disconnect."""
+    import socket
+    from types import SimpleNamespace
+
+    import uvloop
+    from picows import WSListener, WSMsgType
+
+    from wsproxy import http
+    from wsproxy._fastpath import picows_parser_state
+
+    class Recorder(WSListener):
+        connected = False
+
+        def __init__(self):
+            super().__init__()
+            self.events = []
+
+        def on_ws_connected(self, transport):
+            self.connected = True
+            self.events.append("connected")
+            transport.send(WSMsgType.TEXT, b"hello")
+
+        def on_ws_frame(self, transport, frame):
+            self.events.append(frame.get_payload_as_bytes())
+
+        def on_ws_disconnected(self, transport):
+            self.events.append("disconnected")
+
+    monkeypatch.setattr(http, "_fast_upgrade", None if fast else False)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        accepted = loop.create_future()
+
+        class Keep(asyncio.Protocol):
+            def connection_made(self, transport):
+                transport.pause_reading()
+                accepted.set_result(transport)
+
+        server = await loop.create_server(Keep, "127.0.0.1", 0)
+        client = socket.create_connection(server.sockets[0].getsockname())
+        client.settimeout(5)
+        transport = await accepted
+        head = (b"GET /a/ws/s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                b"Sec-WebSocket-Key: " + RFC_KEY + b"\r\n\r\n")
+        gate = http.Gate(SimpleNamespace(config=SimpleNamespace(max_frame_size_bytes=1 << 20)))
+        gate.transport = transport
+        gate.buffer = bytearray(head + _masked_text(b"early"))
+        gate.head_end = len(head) - 4
+        gate.ws_key = RFC_KEY
+        listener = Recorder()
+        assert gate._hand_over(listener) is True
+        assert http.fast_upgrade_available() is fast
+        proto = transport.get_protocol()
+        assert picows_parser_state(proto) == 1  # READ_HEADER: parsing frames
+        received = b""
+        while len(received) < len(RFC_101) + 7:
+            received += await loop.run_in_executor(None, client.recv, 4096)
+        client.sendall(_masked_text(b"later"))
+        for _ in range(100):
+            if len(listener.events) >= 3:
+                break
+            await asyncio.sleep(0.01)
+        client.close()
+        for _ in range(100):
+            if "disconnected" in listener.events:
+                break
+            await asyncio.sleep(0.01)
+        server.close()
+        return received, listener.events
+
+    received, events = uvloop.run(main())
+    assert received == RFC_101 + b"\x81\x05hello"
+    assert events == ["connected", b"early", b"later", "disconnected"]
+
+
+def test_picows_layout_check_accepts_the_pinned_picows_and_refuses_a_mismatch():
+    """accept_upgrade writes into picows' WSProtocol through a layout wsproxy declares:
+    with the pinned picows it must match (or every upgrade takes the slower path), and
+    the check must refuse an object built otherwise, or something that is no WSProtocol."""
+    import uvloop
+
+    from wsproxy import http
+    from wsproxy._fastpath import picows_layout_matches, picows_parser_state
+
+    async def main():
+        loop = asyncio.get_running_loop()
+
+        def factory(_request):
+            return None
+
+        idle, reply = 21.5, 22.5
+        proto = http._picows_protocol(factory, 4321, idle, reply)
+        logger = http._PICOWS_LOGGER
+        return (picows_layout_matches(proto, factory, logger, loop, 4321, idle, reply),
+                picows_layout_matches(proto, factory, logger, loop, 4322, idle, reply),
+                picows_layout_matches(proto, factory, logger, loop, 4321, reply, idle),
+                picows_layout_matches(proto, lambda r: None, logger, loop, 4321, idle, reply),
+                picows_layout_matches(object(), factory, logger, loop, 4321, idle, reply),
+                picows_parser_state(proto))
+
+    assert uvloop.run(main()) == (True, False, False, False, False, 0)

@@ -15,7 +15,7 @@ Nothing here awaits; everything that is not per message lives in plain Python.
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from cpython.object cimport PyCallable_Check
-from cpython.ref cimport PyObject
+from cpython.ref cimport Py_INCREF, Py_XDECREF, PyObject
 from libc.stdint cimport uint64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memchr, memcmp, memcpy, memset
@@ -25,6 +25,9 @@ from picows.picows cimport WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransp
 
 import collections
 import os
+import weakref
+from binascii import b2a_base64
+from hashlib import sha1
 
 import hiredis
 
@@ -1491,3 +1494,181 @@ def heartbeat_sweep(listeners, double now, double interval, double timeout) -> i
             listener.last_ping = now
             listener.transport.send_ping()
     return closed
+
+
+# ---------------------------------------------------------------------------
+# The upgrade without picows' HTTP negotiation
+
+cdef extern from *:
+    """
+    /* picows 2.3.1's WSProtocol object up to its parser state, as Cython lays out a
+       cdef class: the object head, the vtable pointer, then the attributes in the
+       order picows.pyx declares them (enums and bints are C ints). picows declares
+       WSProtocol in its .pyx, not its .pxd, so this is the only way to reach them;
+       picows_layout_matches() checks it against a real object before it is used. */
+    typedef struct {
+        PyObject_HEAD
+        void *vtab;
+        PyObject *transport;
+        PyObject *listener;
+        PyObject *listener_factory;
+        PyObject *host_port;
+        PyObject *ws_path;
+        PyObject *logger;
+        int log_debug_enabled;
+        int is_client_side;
+        int disconnect_on_exception;
+        PyObject *disconnect_exception;
+        PyObject *loop;
+        PyObject *handshake_timeout;
+        PyObject *handshake_timeout_handle;
+        PyObject *handshake_complete_future;
+        Py_ssize_t http_max_size;
+        PyObject *websocket_key_b64;
+        Py_ssize_t max_frame_size;
+        int enable_auto_pong;
+        int enable_auto_ping;
+        PyObject *auto_ping_idle_timeout;
+        PyObject *auto_ping_reply_timeout;
+        int auto_ping_strategy;
+        PyObject *auto_ping_loop_task;
+        double last_data_time;
+        PyObject *extra_headers;
+        int state;
+    } wsp_picows_protocol;
+    """
+    ctypedef struct wsp_picows_protocol:
+        PyObject* transport
+        PyObject* listener
+        PyObject* listener_factory
+        PyObject* host_port
+        PyObject* logger
+        int is_client_side
+        int disconnect_on_exception
+        PyObject* loop
+        PyObject* handshake_timeout
+        PyObject* handshake_timeout_handle
+        PyObject* handshake_complete_future
+        Py_ssize_t http_max_size
+        Py_ssize_t max_frame_size
+        int enable_auto_pong
+        int enable_auto_ping
+        PyObject* auto_ping_idle_timeout
+        PyObject* auto_ping_reply_timeout
+        int auto_ping_strategy
+        PyObject* auto_ping_loop_task
+        double last_data_time
+        PyObject* extra_headers
+        int state
+
+cdef extern from "<netinet/in.h>" nogil:
+    int IPPROTO_TCP
+
+cdef extern from "<netinet/tcp.h>" nogil:
+    int TCP_NODELAY
+    int TCP_QUICKACK
+
+cdef extern from "<time.h>" nogil:
+    ctypedef long time_t
+    cdef struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    int clock_gettime(int clock, timespec* ts)
+    int CLOCK_MONOTONIC
+
+# picows' parser states (its .pxd: WSParserState).
+cdef enum:
+    PICOWS_WAIT_UPGRADE_RESPONSE = 0
+    PICOWS_READ_HEADER = 1
+# picows' limit on a request head; a constant of its WSProtocol.__init__.
+cdef Py_ssize_t PICOWS_HTTP_MAX_SIZE = 16 * 1024
+# RFC 6455 section 1.3.
+cdef bytes WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+cdef bytes RESPONSE_101 = (b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n"
+                           b"Upgrade: websocket\r\nSec-WebSocket-Accept: ")
+
+
+cdef inline void _set_slot(PyObject** slot, object value) noexcept:
+    # Store a new reference in one of picows' object attributes, dropping the old one.
+    cdef PyObject* old = slot[0]
+    Py_INCREF(value)
+    slot[0] = <PyObject*>value
+    Py_XDECREF(old)
+
+
+def picows_layout_matches(object proto, object factory, object logger, object loop,
+                          Py_ssize_t max_frame_size, object idle, object reply) -> bool:
+    """True if ``proto``, a WSProtocol just built with these arguments (server side, no
+    handshake timeout, auto-ping and auto-pong off, PING_WHEN_IDLE, no extra headers),
+    reads back through ``wsp_picows_protocol`` as it was built: the layout above is
+    picows' own, so :func:`accept_upgrade` may use it."""
+    if type(proto).__name__ != "WSProtocol" or type(proto).__module__ != "picows.picows":
+        return False
+    cdef wsp_picows_protocol* p = <wsp_picows_protocol*><PyObject*>proto
+    return (p.transport == <PyObject*>None and p.listener == <PyObject*>None
+            and p.listener_factory == <PyObject*>factory
+            and p.host_port == <PyObject*>None
+            and p.logger == <PyObject*>logger
+            and p.is_client_side == 0 and p.disconnect_on_exception == 1
+            and p.loop == <PyObject*>loop
+            and p.handshake_timeout == <PyObject*>None
+            and p.handshake_timeout_handle == <PyObject*>None
+            and p.http_max_size == PICOWS_HTTP_MAX_SIZE
+            and p.max_frame_size == max_frame_size
+            and p.enable_auto_pong == 0 and p.enable_auto_ping == 0
+            and p.auto_ping_idle_timeout == <PyObject*>idle
+            and p.auto_ping_reply_timeout == <PyObject*>reply
+            and p.auto_ping_strategy == 1
+            and p.auto_ping_loop_task == <PyObject*>None
+            and p.last_data_time == 0.0
+            and p.extra_headers == <PyObject*>None
+            and p.state == PICOWS_WAIT_UPGRADE_RESPONSE
+            and type(<object>p.handshake_complete_future).__name__ == "Future")
+
+
+def picows_parser_state(object proto) -> int:
+    """The parser state of a WSProtocol (0 until upgraded, then 1 and on); for tests."""
+    return (<wsp_picows_protocol*><PyObject*>proto).state
+
+
+def accept_upgrade(object proto, TransportForPicows transport not None,
+                   WSListener listener not None, bytes ws_key not None,
+                   object logger, object loop):
+    """Upgrade a connection whose request the gate has checked: what picows does in
+    ``connection_made`` and in ``_negotiate`` for a valid request, without parsing the
+    request again or building the 101 in Python.
+
+    ``proto`` is a fresh server-side WSProtocol on ``transport`` (whose reading is
+    paused), checked with :func:`picows_layout_matches`. Writes the 101 with the accept
+    value for ``ws_key``; then calls the listener's ``on_ws_connected``. Bytes the client
+    sent after its head go to ``proto`` afterwards, through its buffered interface.
+    """
+    cdef wsp_picows_protocol* p = <wsp_picows_protocol*><PyObject*>proto
+    cdef int one = 1
+    cdef timespec now
+    if p.state != PICOWS_WAIT_UPGRADE_RESPONSE or p.transport != <PyObject*>None:
+        raise RuntimeError("the protocol has already been given a connection")
+    # connection_made: the socket options picows sets (a failure is harmless: the
+    # connection works without them, as it does on a non-TCP socket), and its transport.
+    setsockopt(transport.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+    setsockopt(transport.fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof(one))
+    cdef WSTransport ws = WSTransport(False, transport, logger, loop)
+    _set_slot(&p.transport, ws)
+    # _negotiate, for a request that passed: the listener, the state, the 101.
+    _set_slot(&p.listener_factory, None)
+    _set_slot(&p.listener, listener)
+    ws.listener_proxy = weakref.proxy(listener)
+    p.state = PICOWS_READ_HEADER
+    accept = b2a_base64(sha1(ws_key + WS_GUID).digest(), newline=False)
+    transport.write(RESPONSE_101 + accept + b"\r\n\r\n")
+    (<object>p.handshake_complete_future).set_result(None)
+    # picows' _invoke_on_ws_connected: an exception closes the connection with 1011.
+    try:
+        listener.on_ws_connected(ws)
+    except Exception as exc:  # noqa: BLE001 - as picows does
+        logger.error("Initiate disconnect because of exception from "
+                     "WSListener.on_ws_connected: %s", str(exc))
+        ws.send_close(WSCloseCode.INTERNAL_ERROR, b"")
+        loop.call_later(0.01, (<object>ws).disconnect)
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    p.last_data_time = now.tv_sec + now.tv_nsec * 1e-9

@@ -4,8 +4,9 @@ picows writes the 101 as soon as its listener factory returns, so nothing async 
 happen before the upgrade through its public API. Every TCP connection therefore
 starts with a :class:`Gate`: it reads the request head, answers plain HTTP itself
 (``/health``, ``/ready``, ``/metrics``, errors), runs auth and the SUBSCRIBE, and only
-then hands the live transport to picows' ``WSProtocol`` and replays the buffered
-request into it, so picows validates the upgrade and writes the 101 itself.
+then hands the live transport to picows' ``WSProtocol``: ``_fastpath.accept_upgrade``
+writes the 101 and puts the protocol in its frame-reading state (or, should picows'
+layout not be the one it knows, picows is given the request to negotiate itself).
 The hand-over relies on picows internals: picows is pinned exactly in pyproject.toml
 and ``tests/test_handover.py`` fails loudly if an upgrade breaks it.
 """
@@ -27,7 +28,15 @@ import orjson
 from picows import WSAutoPingStrategy
 from picows.picows import WSProtocol  # type: ignore[attr-defined]  # internal API, see above
 
-from ._fastpath import HeadError, Route, SessionListener, TransportForPicows, parse_head
+from ._fastpath import (
+    HeadError,
+    Route,
+    SessionListener,
+    TransportForPicows,
+    accept_upgrade,
+    parse_head,
+    picows_layout_matches,
+)
 from .auth import AuthResult, auth_key, auth_result, token_from_request
 from .log import log_event
 from .redis import RedisUnavailable
@@ -494,36 +503,32 @@ class Gate(asyncio.Protocol):
 
     # the hand-over ---------------------------------------------------------------
     def _hand_over(self, listener: SessionListener) -> bool:
-        """Give the transport to picows and replay the request; True if it upgraded.
+        """Give the transport to picows; True if it upgraded.
 
-        The gate has already checked every header, so picows is given the smallest
-        request that says the same about the upgrade (its own parse of the client's
-        full head showed in profiles): the key, and whatever the client sent after
-        the head (early frames).
+        The gate has already checked every header. Where picows' layout is the one
+        ``_fastpath.accept_upgrade`` knows (always, with the pinned version), that writes
+        the 101 and connects the listener without picows parsing the request again:
+        picows' own negotiation was a third of a handshake's instructions. Otherwise
+        picows is given the smallest request that says the same about the upgrade (the
+        key) to negotiate itself. Either way, whatever the client sent after its head
+        (early frames) follows.
         """
-        config = self.server.config
         transport = self.transport
-        proto = WSProtocol(
-            None,                 # host_port (client side only)
-            None,                 # ws_path (client side only)
-            False,                # is_client_side
-            lambda _request: listener,
-            _PICOWS_LOGGER,
-            True,                 # disconnect_on_exception
-            None,                 # handshake timeout: the gate already enforced it
-            False, 20, 20,        # auto-ping off: session.py runs one sweep for all sockets
-            WSAutoPingStrategy.PING_WHEN_IDLE,
-            False,                # auto-pong off: the listener answers and counts pings
-            config.max_frame_size_bytes,
-            None,                 # extra_headers
-            _READ_BUFFER_INIT,
-        )
+        proto = _picows_protocol(lambda _request: listener,
+                                 self.server.config.max_frame_size_bytes)
         transport.set_protocol(proto)
-        proto.connection_made(TransportForPicows(transport))
-        replay = bytearray(_REPLAY_HEAD)
-        replay += self.ws_key
-        replay += b"\r\n\r\n"
-        replay += memoryview(self.buffer)[self.head_end + 4:]
+        early = memoryview(self.buffer)[self.head_end + 4:]
+        if fast_upgrade_available():
+            accept_upgrade(proto, TransportForPicows(transport), listener, self.ws_key,
+                           _PICOWS_LOGGER, asyncio.get_running_loop())
+            replay = bytearray(early)
+        else:
+            proto.connection_made(TransportForPicows(transport))
+            replay = bytearray(_REPLAY_HEAD)
+            replay += self.ws_key
+            replay += b"\r\n\r\n"
+            replay += early
+        early.release()
         self.buffer = bytearray()
         # WSProtocol has no data_received: replay through the buffered interface.
         data = memoryview(replay)
@@ -535,8 +540,8 @@ class Gate(asyncio.Protocol):
                 chunk[:size] = data[offset:offset + size]
                 proto.buffer_updated(size)
                 offset += size
-                # After a refusal picows closed the transport: feeding more would
-                # make it negotiate again.
+                # After a refusal or a protocol error picows closed the transport:
+                # feeding more would make it parse again.
                 if proto.transport.is_disconnected or transport.is_closing():
                     break
         finally:
@@ -544,3 +549,46 @@ class Gate(asyncio.Protocol):
         transport.resume_reading()
         # on_ws_disconnected never fires for a connection picows refused.
         return bool(listener.connected)
+
+
+def _picows_protocol(listener_factory: Any, max_frame_size: int, idle: float = 20,
+                     reply: float = 20) -> Any:
+    """A server-side picows WSProtocol, built the way ``picows.api.ws_create_server``
+    builds one, with wsproxy's settings."""
+    return WSProtocol(
+        None,                 # host_port (client side only)
+        None,                 # ws_path (client side only)
+        False,                # is_client_side
+        listener_factory,
+        _PICOWS_LOGGER,
+        True,                 # disconnect_on_exception
+        None,                 # handshake timeout: the gate already enforced it
+        False, idle, reply,   # auto-ping off: session.py runs one sweep for all sockets
+        WSAutoPingStrategy.PING_WHEN_IDLE,
+        False,                # auto-pong off: the listener answers and counts pings
+        max_frame_size,
+        None,                 # extra_headers
+        _READ_BUFFER_INIT,
+    )
+
+
+_fast_upgrade: bool | None = None
+
+
+def fast_upgrade_available() -> bool:
+    """Whether ``_fastpath.accept_upgrade`` may upgrade connections: picows' WSProtocol
+    reads back as built through the layout it assumes. Checked once per process, on a
+    probe object, with a running loop."""
+    global _fast_upgrade
+    if _fast_upgrade is None:
+        def factory(_request: Any) -> None:
+            return None
+        idle, reply, max_frame = 21.5, 22.5, 1_234_567
+        probe = _picows_protocol(factory, max_frame, idle, reply)
+        _fast_upgrade = bool(picows_layout_matches(
+            probe, factory, _PICOWS_LOGGER, asyncio.get_running_loop(), max_frame, idle,
+            reply))
+        if not _fast_upgrade:
+            log_event(logging.WARNING, "picows_layout_unknown",
+                      detail="upgrades go through picows' own negotiation")
+    return _fast_upgrade
