@@ -284,3 +284,38 @@ def test_picows_layout_check_accepts_the_pinned_picows_and_refuses_a_mismatch():
                 picows_parser_state(proto))
 
     assert uvloop.run(main()) == (True, False, False, False, False, 0)
+
+
+def test_an_unknown_picows_layout_falls_back_to_picows_negotiation(monkeypatch, caplog):
+    """Should the layout check fail (another picows), the process says so once and
+    every upgrade goes through picows' own negotiation."""
+    import logging
+
+    import uvloop
+
+    from wsproxy import http
+
+    monkeypatch.setattr(http, "_fast_upgrade", None)
+    monkeypatch.setattr(http, "picows_layout_matches", lambda *args: False)
+
+    async def main():
+        return http.fast_upgrade_available(), http.fast_upgrade_available()
+
+    with caplog.at_level(logging.WARNING, logger="wsproxy"):
+        assert uvloop.run(main()) == (False, False)
+    events = [getattr(r, "event", None) for r in caplog.records]
+    assert events.count("picows_layout_unknown") == 1
+
+
+def test_the_layout_functions_refuse_anything_but_a_picows_protocol():
+    """They read and write picows' object memory: given another object they must
+    raise, not write."""
+    from picows import WSListener
+
+    from wsproxy._fastpath import TransportForPicows, accept_upgrade, picows_parser_state
+
+    with pytest.raises(TypeError):
+        picows_parser_state(object())
+    with pytest.raises(TypeError):
+        accept_upgrade([], TransportForPicows.__new__(TransportForPicows), WSListener(),
+                       RFC_KEY, None, None)

@@ -30,6 +30,7 @@ from binascii import b2a_base64
 from hashlib import sha1
 
 import hiredis
+from picows.picows import WSProtocol as PicowsProtocol  # internal: see accept_upgrade
 
 cdef extern from "<sys/uio.h>" nogil:
     cdef struct iovec:
@@ -1588,6 +1589,13 @@ cdef bytes RESPONSE_101 = (b"HTTP/1.1 101 Switching Protocols\r\nConnection: upg
                            b"Upgrade: websocket\r\nSec-WebSocket-Accept: ")
 
 
+cdef inline int _check_protocol(object proto) except -1:
+    # The layout is read and written only on picows' own WSProtocol objects.
+    if type(proto) is not PicowsProtocol:
+        raise TypeError(f"a picows WSProtocol is needed, not {type(proto).__name__}")
+    return 0
+
+
 cdef inline void _set_slot(PyObject** slot, object value) noexcept:
     # Store a new reference in one of picows' object attributes, dropping the old one.
     cdef PyObject* old = slot[0]
@@ -1602,7 +1610,7 @@ def picows_layout_matches(object proto, object factory, object logger, object lo
     handshake timeout, auto-ping and auto-pong off, PING_WHEN_IDLE, no extra headers),
     reads back through ``wsp_picows_protocol`` as it was built: the layout above is
     picows' own, so :func:`accept_upgrade` may use it."""
-    if type(proto).__name__ != "WSProtocol" or type(proto).__module__ != "picows.picows":
+    if type(proto) is not PicowsProtocol:
         return False
     cdef wsp_picows_protocol* p = <wsp_picows_protocol*><PyObject*>proto
     return (p.transport == <PyObject*>None and p.listener == <PyObject*>None
@@ -1628,6 +1636,7 @@ def picows_layout_matches(object proto, object factory, object logger, object lo
 
 def picows_parser_state(object proto) -> int:
     """The parser state of a WSProtocol (0 until upgraded, then 1 and on); for tests."""
+    _check_protocol(proto)
     return (<wsp_picows_protocol*><PyObject*>proto).state
 
 
@@ -1643,6 +1652,7 @@ def accept_upgrade(object proto, TransportForPicows transport not None,
     value for ``ws_key``; then calls the listener's ``on_ws_connected``. Bytes the client
     sent after its head go to ``proto`` afterwards, through its buffered interface.
     """
+    _check_protocol(proto)
     cdef wsp_picows_protocol* p = <wsp_picows_protocol*><PyObject*>proto
     cdef int one = 1
     cdef timespec now
