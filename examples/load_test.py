@@ -656,7 +656,13 @@ class _Itimerspec(ctypes.Structure):
 
 
 class _Pacer:
-    """Waits until a time.perf_counter_ns() instant, at least ``tick`` seconds from now.
+    """Waits until a time.perf_counter_ns() instant, on a grid of ``tick`` seconds.
+
+    A wait ends at the instant asked for, or at the next tick after the previous wait,
+    whichever is later: the sender wakes once a tick at most, and the ticks do not drift
+    by the time spent between waits (waking ``tick`` after each return made the period
+    about 0.6 ms for a 0.5 ms tick, and the bursts a fifth larger). After a stall of more
+    than a tick the grid starts again from now, rather than catching up tick by tick.
 
     The event loop's timers count whole milliseconds (libuv), so a schedule of 20,000
     messages a second would leave in bursts of 20 or more, stamped at one instant: the
@@ -668,6 +674,7 @@ class _Pacer:
 
     def __init__(self, tick: float) -> None:
         self.tick_ns = int(tick * 1e9)
+        self.target_ns = 0  # the instant the last wait was for
         self.loop = asyncio.get_running_loop()
         self.fd = -1
         self.waiter: asyncio.Future[None] | None = None
@@ -697,7 +704,13 @@ class _Pacer:
 
     async def until(self, due_ns: int) -> None:
         now = _now_ns()
-        due_ns = max(due_ns, now + self.tick_ns)
+        tick = self.target_ns + self.tick_ns
+        if tick < now - self.tick_ns:
+            tick = now  # more than a tick behind: a new grid from now
+        due_ns = self.target_ns = max(due_ns, tick)
+        if due_ns <= now:
+            await asyncio.sleep(0)  # due already: still let the loop read meanwhile
+            return
         if self.fd < 0:
             await asyncio.sleep((due_ns - now) / 1e9)
             return

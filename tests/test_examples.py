@@ -364,27 +364,42 @@ def test_load_test_duration_format():
     assert fmt(61_000_000_001) == "61.000000001s"
 
 
-def test_load_test_pacer_never_wakes_early_and_closes_its_timer():
+def test_load_test_pacer_keeps_a_grid_never_wakes_early_and_closes_its_timer():
     # The sender's pacing: each wait ends at its due instant or after, never before
-    # (a timerfd on the clock of perf_counter_ns), and at least a tick after it began.
+    # (a timerfd on the clock of perf_counter_ns); at most once a tick, on a grid that
+    # the time spent between waits does not shift; after a stall, a new grid from now.
     lt = load_module("load_test")
     import asyncio
 
+    def busy(seconds: float) -> None:
+        end = time.perf_counter_ns() + int(seconds * 1e9)
+        while time.perf_counter_ns() < end:
+            pass
+
     async def main():
-        pacer = lt._Pacer(0.0005)
+        pacer = lt._Pacer(0.01)
         fd = pacer.fd
-        late = []
-        for step in (0.0002, 0.002, 0.0001, 0.003, -0.01):
-            start = time.perf_counter_ns()
-            due = start + int(step * 1e9)
+        early, targets = [], []
+        for step in (0.0002, 0.03, 0.0001, -0.01, -0.01, -0.01):
+            due = time.perf_counter_ns() + int(step * 1e9)
             await pacer.until(due)
             woke = time.perf_counter_ns()
-            late.append((woke - max(due, start + pacer.tick_ns), step))
+            early.append(woke - max(due, pacer.target_ns))
+            targets.append(pacer.target_ns)
+            busy(0.001)  # work between two waits
+        busy(0.05)  # a stall of five ticks
+        before = time.perf_counter_ns()
+        await pacer.until(before - 10**7)
+        restarted = pacer.target_ns - before
         pacer.close()
-        return fd, late
+        return fd, pacer.tick_ns, early, targets, restarted
 
-    fd, late = asyncio.run(main())
-    assert all(d >= 0 for d, _ in late), late
+    fd, tick, early, targets, restarted = asyncio.run(main())
+    assert all(d >= 0 for d in early), early
+    gaps = [b - a for a, b in zip(targets, targets[1:], strict=False)]
+    assert all(g >= tick for g in gaps), gaps  # once a tick at most
+    assert gaps[-3:] == [tick] * 3, gaps  # already due: the next tick of the grid
+    assert 0 <= restarted < tick
     if sys.platform.startswith("linux"):  # elsewhere the loop's timer paces (no fd)
         assert fd >= 0, "no timerfd on Linux"
         with pytest.raises(OSError):
