@@ -222,6 +222,8 @@ class Measurement:
             "lost": self.result["lost"],
             "p50_ms": lat["p50"], "p95_ms": lat["p95"], "p99_ms": lat["p99"],
             "p999_ms": lat["p999"], "max_ms": lat["max"],
+            "burst_first_p50_ms": self.result["bursts"]["first_p50_ms"],
+            "burst_step_us": self.result["bursts"]["step_us"],
             "server_cpu_percent": round(self.cpu_percent, 1),
             "server_cpu_us_per_msg": round(self.cpu_us_per_message, 2),
             "loadgen_cpu_percent": self.result["cpu_percent"],
@@ -328,7 +330,7 @@ def main() -> None:
     finally:
         redis.stop()
     keys = ("server_cpu_percent", "server_cpu_us_per_msg", "server_user_us_per_msg",
-            "p50_ms", "p99_ms", "p999_ms",
+            "p50_ms", "p99_ms", "p999_ms", "burst_first_p50_ms", "burst_step_us",
             "lost", "handshakes_per_sec", "server_cpu_us_per_handshake", "rss_per_socket_bytes")
     print("\nmedians of", args.rounds, "rounds:", args.direction, f"{args.workers} sockets,",
           f"{args.workers / args.interval:g} msg/s, {args.payload}-byte payloads")

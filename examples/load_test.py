@@ -150,6 +150,13 @@ def _ratio_text(pct: float | None) -> str:
     return f"{math.floor(pct * 100) / 100:.2f}%"
 
 
+def _burst_lines(bursts: dict[str, Any] | None) -> list[str]:
+    if not bursts or bursts.get("step_us") is None:
+        return []
+    return [f"Bursts: {bursts['size_median']} messages a tick (median); the first to arrive "
+            f"{bursts['first_p50_ms']:.3f}ms (P50), each later one +{bursts['step_us']:.1f}us"]
+
+
 def format_results(d: dict[str, Any]) -> str:
     """The human-readable report: the seed's block, then delivery and resource figures."""
     lat = d.get("latency_ns") or {}
@@ -177,6 +184,7 @@ def format_results(d: dict[str, Any]) -> str:
         "",
         f"Direction: {d.get('direction', 'down')}",
         f"P99.9: {fd(lat.get('p999'))}",
+        *_burst_lines(d.get("bursts")),
         f"Workers: {d['connected']} of {d['workers']} connected in {d['connect_secs']:.2f}s; "
         f"{d['messages_per_worker']} messages each, "
         f"{d['rate_msgs_per_sec']:g} msg/s target, {d['achieved_rate_msgs_per_sec']:.0f} msg/s "
@@ -218,6 +226,7 @@ class _Stats:
 
     def __init__(self) -> None:
         self.latencies = array.array("q")
+        self.stamps = array.array("q")  # the send stamp of each latency, in the same order
         self.received = 0
         self.duplicated = 0
         self.out_of_order = 0
@@ -318,6 +327,7 @@ class _Worker(WSListener):
         else:
             self.highest = seq
         st.latencies.append(now - ts)
+        st.stamps.append(ts)
         st.received += 1
 
     def on_ws_disconnected(self, transport) -> None:
@@ -341,6 +351,23 @@ def raise_nofile_limit() -> int:
         except (ValueError, OSError):
             pass
     return soft
+
+
+def _bursts(stamps: array.array, latencies: array.array) -> dict[str, Any]:
+    """What a tick's burst adds to latency. The messages sent at one tick share one send
+    stamp: per burst, the latency of its first arrival, and the latency each later
+    position adds ((last - first) / (size - 1)); medians over the bursts."""
+    by_stamp: dict[int, list[int]] = {}
+    for ts, latency in zip(stamps, latencies, strict=True):
+        by_stamp.setdefault(ts, []).append(latency)
+    sizes = sorted(len(v) for v in by_stamp.values())
+    firsts = sorted(min(v) for v in by_stamp.values())
+    steps = sorted((max(v) - min(v)) / (len(v) - 1) for v in by_stamp.values() if len(v) > 1)
+    return {
+        "size_median": sizes[len(sizes) // 2] if sizes else None,
+        "first_p50_ms": firsts[len(firsts) // 2] / 1e6 if firsts else None,
+        "step_us": steps[len(steps) // 2] / 1e3 if steps else None,
+    }
 
 
 def _percentile(sorted_values: list[int], p: float) -> int:
@@ -989,6 +1016,7 @@ async def run_load_test(num_workers: int, warmup: float, duration: float, interv
             "connect_errors": dict(failures),
             "error_samples": list(stats.samples),
             "latency_ns": latency,
+            "bursts": _bursts(stats.stamps, stats.latencies),
             **({"latency_samples_ns": lat} if keep_samples else {}),
             "latency_ms": {k: (v / 1e6 if v is not None else None) for k, v in latency.items()},
             "sent_target": sent_target,

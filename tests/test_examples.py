@@ -549,3 +549,38 @@ def test_load_test_exits_1_when_no_worker_connects(redis_server):
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert "Total measurements: 0" in r.stdout and "Errors: 5" in r.stdout
     assert "no worker could connect" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_load_test_bursts_split_latency_into_the_path_and_the_position():
+    # Messages stamped at one tick form a burst: the first arrival of each, and what
+    # each later position adds, as medians over the bursts.
+    import array
+    lt = load_module("load_test")
+    stamps = array.array("q", [100, 100, 100, 200, 200, 200, 300, 300, 300, 400])
+    latencies = array.array("q", [30_000, 10_000, 20_000,       # first 10 us, +10 us a step
+                                  12_000, 52_000, 32_000,       # first 12 us, +20 us
+                                  11_000, 15_000, 19_000,       # first 11 us, +4 us
+                                  90_000])                      # alone: no step
+    bursts = lt._bursts(stamps, latencies)
+    assert bursts == {"size_median": 3, "first_p50_ms": 0.012, "step_us": 10.0}
+    text = lt.format_results(_results_with(bursts))
+    assert "Bursts: 3 messages a tick (median); the first to arrive 0.012ms (P50), " \
+           "each later one +10.0us" in text
+    assert lt._bursts(array.array("q"), array.array("q")) == {
+        "size_median": None, "first_p50_ms": None, "step_us": None}
+    alone = {"size_median": 1, "first_p50_ms": 0.1, "step_us": None}
+    assert "Bursts" not in lt.format_results(_results_with(alone))
+
+
+def _results_with(bursts):
+    """A complete figures dict for format_results, with these burst figures."""
+    return {
+        "direction": "down", "total_measurements": 10, "errors": 0, "latency_ns": {},
+        "sent": 10, "received": 10, "delivery_ratio_percent": 100.0, "lost": 0,
+        "duplicated": 0, "out_of_order": 0, "connected": 2, "workers": 2,
+        "connect_secs": 0.1, "messages_per_worker": 5, "rate_msgs_per_sec": 20.0,
+        "achieved_rate_msgs_per_sec": 20.0, "payload_size": 128, "publishers": 2,
+        "publish_max_lag_ms": 0.1, "publish_no_receivers": 0, "cpu_secs": 0.1,
+        "measure_wall_secs": 1.0, "cpu_percent": 10.0, "total_cpu_secs": 0.2,
+        "total_wall_secs": 2.0, "bursts": bursts,
+    }

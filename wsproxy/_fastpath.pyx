@@ -8,6 +8,8 @@
   channel lookup in a C index (RouteTable) -> one ``send()`` per socket (a frame up
   to 2 KiB put together on the stack) or one ``sendmsg()`` straight from that buffer.
   Replies of any other kind are cut out at their boundary and read by hiredis.
+- the upgrade: for a request the gate has checked, the 101 and picows' protocol set
+  to read frames (``accept_upgrade``), without picows parsing the request again.
 
 Nothing here awaits; everything that is not per message lives in plain Python.
 """
