@@ -177,13 +177,66 @@ def _masked_text(payload: bytes) -> bytes:
             + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
 
 
+HEAD = (b"GET /a/ws/s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Key: " + RFC_KEY + b"\r\n\r\n")
+
+
+async def _hand_over_accepted(listener, early: bytes):
+    """Accept a TCP connection from a plain client socket and hand it to ``listener`` as
+    the gate does after auth (reading paused, the head and ``early`` bytes buffered).
+    Returns the server, the client socket, the uvloop transport and _hand_over's answer."""
+    import socket
+    from types import SimpleNamespace
+
+    from wsproxy import http
+
+    loop = asyncio.get_running_loop()
+    accepted = loop.create_future()
+
+    class Keep(asyncio.Protocol):
+        def connection_made(self, transport):
+            transport.pause_reading()
+            accepted.set_result(transport)
+
+    server = await loop.create_server(Keep, "127.0.0.1", 0)
+    client = socket.create_connection(server.sockets[0].getsockname())
+    client.settimeout(5)
+    transport = await accepted
+    gate = http.Gate(SimpleNamespace(config=SimpleNamespace(max_frame_size_bytes=1 << 20)))
+    gate.transport = transport
+    gate.buffer = bytearray(HEAD + early)
+    gate.head_end = len(HEAD) - 4
+    gate.ws_key = RFC_KEY
+    return server, client, transport, gate._hand_over(listener)
+
+
+async def _receive(client, until) -> bytes:
+    """What the client receives until ``until(bytes)`` holds or the server closes."""
+    received = b""
+    while not until(received):
+        chunk = await asyncio.get_running_loop().run_in_executor(None, client.recv, 4096)
+        if not chunk:
+            break
+        received += chunk
+    return received
+
+
+async def _wait_for(condition, seconds: float = 5.0) -> None:
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+
+
 @pytest.mark.parametrize("fast", [True, False], ids=["accept_upgrade", "picows_negotiates"])
 def test_hand_over_upgrades_sends_and_receives(fast, monkeypatch):
     """Both ways of upgrading give the client the same 101 (RFC 6455's accept value for
-    its key), leave picows parsing frames (state READ_HEADER), deliver a frame sent with
-    the request head, carry frames both ways, and report the disconnect."""
-    import socket
-    from types import SimpleNamespace
+    its key), leave picows parsing frames (state READ_HEADER) with the listener and its
+    transport in place, deliver a frame sent with the request head, carry frames both
+    ways, report the disconnect, and keep no reference to the listener or its transport."""
+    import gc
+    import weakref
 
     import uvloop
     from picows import WSListener, WSMsgType
@@ -197,9 +250,11 @@ def test_hand_over_upgrades_sends_and_receives(fast, monkeypatch):
         def __init__(self):
             super().__init__()
             self.events = []
+            self.transport = None
 
         def on_ws_connected(self, transport):
             self.connected = True
+            self.transport = transport
             self.events.append("connected")
             transport.send(WSMsgType.TEXT, b"hello")
 
@@ -212,50 +267,59 @@ def test_hand_over_upgrades_sends_and_receives(fast, monkeypatch):
     monkeypatch.setattr(http, "_fast_upgrade", None if fast else False)
 
     async def main():
-        loop = asyncio.get_running_loop()
-        accepted = loop.create_future()
-
-        class Keep(asyncio.Protocol):
-            def connection_made(self, transport):
-                transport.pause_reading()
-                accepted.set_result(transport)
-
-        server = await loop.create_server(Keep, "127.0.0.1", 0)
-        client = socket.create_connection(server.sockets[0].getsockname())
-        client.settimeout(5)
-        transport = await accepted
-        head = (b"GET /a/ws/s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-                b"Sec-WebSocket-Key: " + RFC_KEY + b"\r\n\r\n")
-        gate = http.Gate(SimpleNamespace(config=SimpleNamespace(max_frame_size_bytes=1 << 20)))
-        gate.transport = transport
-        gate.buffer = bytearray(head + _masked_text(b"early"))
-        gate.head_end = len(head) - 4
-        gate.ws_key = RFC_KEY
         listener = Recorder()
-        assert gate._hand_over(listener) is True
+        server, client, transport, upgraded = await _hand_over_accepted(
+            listener, _masked_text(b"early"))
+        assert upgraded is True
         assert http.fast_upgrade_available() is fast
         proto = transport.get_protocol()
         assert picows_parser_state(proto) == 1  # READ_HEADER: parsing frames
-        received = b""
-        while len(received) < len(RFC_101) + 7:
-            received += await loop.run_in_executor(None, client.recv, 4096)
+        assert proto.listener is listener and proto.transport is listener.transport
+        received = await _receive(client, lambda b: len(b) >= len(RFC_101) + 7)
         client.sendall(_masked_text(b"later"))
-        for _ in range(100):
-            if len(listener.events) >= 3:
-                break
-            await asyncio.sleep(0.01)
+        await _wait_for(lambda: len(listener.events) >= 3)
         client.close()
-        for _ in range(100):
-            if "disconnected" in listener.events:
-                break
-            await asyncio.sleep(0.01)
+        await _wait_for(lambda: "disconnected" in listener.events)
         server.close()
-        return received, listener.events
+        await server.wait_closed()
+        # (WSProtocol takes no weak reference; it holds both of these.)
+        return (received, listener.events, weakref.ref(listener.transport),
+                weakref.ref(listener))
 
-    received, events = uvloop.run(main())
+    received, events, transport_ref, listener_ref = uvloop.run(main())
     assert received == RFC_101 + b"\x81\x05hello"
     assert events == ["connected", b"early", b"later", "disconnected"]
+    gc.collect()
+    assert transport_ref() is None and listener_ref() is None  # no reference left behind
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["accept_upgrade", "picows_negotiates"])
+def test_a_listener_that_fails_to_connect_gets_1011(fast, monkeypatch):
+    """An exception from on_ws_connected closes the connection with 1011 after the 101,
+    as picows does, either way."""
+    import uvloop
+    from picows import WSListener
+
+    from wsproxy import http
+
+    class Failing(WSListener):
+        connected = False
+
+        def on_ws_connected(self, transport):
+            raise RuntimeError("cannot connect")
+
+    monkeypatch.setattr(http, "_fast_upgrade", None if fast else False)
+
+    async def main():
+        server, client, _transport, upgraded = await _hand_over_accepted(Failing(), b"")
+        received = await _receive(client, lambda b: False)  # until the server closes
+        client.close()
+        server.close()
+        return upgraded, received
+
+    upgraded, received = uvloop.run(main())
+    assert upgraded is False
+    assert received == RFC_101 + b"\x88\x02\x03\xf3"  # CLOSE, code 1011, then the end
 
 
 def test_picows_layout_check_accepts_the_pinned_picows_and_refuses_a_mismatch():

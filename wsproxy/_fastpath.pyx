@@ -23,7 +23,7 @@ from libc.stdlib cimport calloc, free
 from libc.string cimport memchr, memcmp, memcpy, memset
 from cpython.unicode cimport PyUnicode_DecodeLatin1
 
-from picows.picows cimport WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
+from picows.picows cimport MemoryBuffer, WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
 import collections
 import os
@@ -1504,11 +1504,12 @@ def heartbeat_sweep(listeners, double now, double interval, double timeout) -> i
 
 cdef extern from *:
     """
-    /* picows 2.3.1's WSProtocol object up to its parser state, as Cython lays out a
-       cdef class: the object head, the vtable pointer, then the attributes in the
-       order picows.pyx declares them (enums and bints are C ints). picows declares
-       WSProtocol in its .pyx, not its .pxd, so this is the only way to reach them;
-       picows_layout_matches() checks it against a real object before it is used. */
+    /* picows 2.3.1's WSProtocol object, as Cython lays out a cdef class: the object
+       head, the vtable pointer, then the attributes in the order picows.pyx declares
+       them (enums and bints are C ints). picows declares WSProtocol in its .pyx, not
+       its .pxd, so this is the only way to reach them; picows_layout_matches() checks
+       it against a real object (its size, and the fields on both sides of the parser
+       state) before it is used. */
     typedef struct {
         PyObject_HEAD
         void *vtab;
@@ -1538,6 +1539,15 @@ cdef extern from *:
         double last_data_time;
         PyObject *extra_headers;
         int state;
+        PyObject *read_buffer;
+        Py_ssize_t f_new_data_start_pos;
+        Py_ssize_t f_curr_state_start_pos;
+        Py_ssize_t f_curr_frame_start_pos;
+        Py_ssize_t f_payload_length;
+        Py_ssize_t f_payload_start_pos;
+        int f_msg_type;
+        uint32_t f_mask;
+        uint8_t f_fin, f_rsv1, f_rsv2, f_rsv3, f_has_mask, f_payload_length_flag;
     } wsp_picows_protocol;
     """
     ctypedef struct wsp_picows_protocol:
@@ -1563,6 +1573,8 @@ cdef extern from *:
         double last_data_time
         PyObject* extra_headers
         int state
+        PyObject* read_buffer
+        Py_ssize_t f_new_data_start_pos
 
 cdef extern from "<netinet/in.h>" nogil:
     int IPPROTO_TCP
@@ -1570,14 +1582,6 @@ cdef extern from "<netinet/in.h>" nogil:
 cdef extern from "<netinet/tcp.h>" nogil:
     int TCP_NODELAY
     int TCP_QUICKACK
-
-cdef extern from "<time.h>" nogil:
-    ctypedef long time_t
-    cdef struct timespec:
-        time_t tv_sec
-        long tv_nsec
-    int clock_gettime(int clock, timespec* ts)
-    int CLOCK_MONOTONIC
 
 # picows' parser states (its .pxd: WSParserState).
 cdef enum:
@@ -1614,6 +1618,8 @@ def picows_layout_matches(object proto, object factory, object logger, object lo
     picows' own, so :func:`accept_upgrade` may use it."""
     if type(proto) is not PicowsProtocol:
         return False
+    if sizeof(wsp_picows_protocol) != (<type>PicowsProtocol).__basicsize__:
+        return False
     cdef wsp_picows_protocol* p = <wsp_picows_protocol*><PyObject*>proto
     return (p.transport == <PyObject*>None and p.listener == <PyObject*>None
             and p.listener_factory == <PyObject*>factory
@@ -1633,6 +1639,8 @@ def picows_layout_matches(object proto, object factory, object logger, object lo
             and p.last_data_time == 0.0
             and p.extra_headers == <PyObject*>None
             and p.state == PICOWS_WAIT_UPGRADE_RESPONSE
+            and type(<object>p.read_buffer) is MemoryBuffer
+            and p.f_new_data_start_pos == 0
             and type(<object>p.handshake_complete_future).__name__ == "Future")
 
 
@@ -1657,7 +1665,6 @@ def accept_upgrade(object proto, TransportForPicows transport not None,
     _check_protocol(proto)
     cdef wsp_picows_protocol* p = <wsp_picows_protocol*><PyObject*>proto
     cdef int one = 1
-    cdef timespec now
     if p.state != PICOWS_WAIT_UPGRADE_RESPONSE or p.transport != <PyObject*>None:
         raise RuntimeError("the protocol has already been given a connection")
     # connection_made: the socket options picows sets (a failure is harmless: the
@@ -1682,5 +1689,5 @@ def accept_upgrade(object proto, TransportForPicows transport not None,
                      "WSListener.on_ws_connected: %s", str(exc))
         ws.send_close(WSCloseCode.INTERNAL_ERROR, b"")
         loop.call_later(0.01, (<object>ws).disconnect)
-    clock_gettime(CLOCK_MONOTONIC, &now)
-    p.last_data_time = now.tv_sec + now.tv_nsec * 1e-9
+    # (picows also stamps its last_data_time here: only its auto-ping reads it, and
+    # that is off.)

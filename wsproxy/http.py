@@ -514,41 +514,49 @@ class Gate(asyncio.Protocol):
         (early frames) follows.
         """
         transport = self.transport
+        view = TransportForPicows(transport)
+        fast = fast_upgrade_available()
         proto = _picows_protocol(lambda _request: listener,
                                  self.server.config.max_frame_size_bytes)
         transport.set_protocol(proto)
-        early = memoryview(self.buffer)[self.head_end + 4:]
-        if fast_upgrade_available():
-            accept_upgrade(proto, TransportForPicows(transport), listener, self.ws_key,
-                           _PICOWS_LOGGER, asyncio.get_running_loop())
-            replay = bytearray(early)
-        else:
-            proto.connection_made(TransportForPicows(transport))
-            replay = bytearray(_REPLAY_HEAD)
-            replay += self.ws_key
-            replay += b"\r\n\r\n"
-            replay += early
-        early.release()
-        self.buffer = bytearray()
-        # WSProtocol has no data_received: replay through the buffered interface.
-        data = memoryview(replay)
-        offset = 0
         try:
-            while offset < len(data):
-                chunk = proto.get_buffer(-1)
-                size = min(len(chunk), len(data) - offset)
-                chunk[:size] = data[offset:offset + size]
-                proto.buffer_updated(size)
-                offset += size
-                # After a refusal or a protocol error picows closed the transport:
-                # feeding more would make it parse again.
-                if proto.transport.is_disconnected or transport.is_closing():
-                    break
-        finally:
-            data.release()
+            if fast:
+                accept_upgrade(proto, view, listener, self.ws_key, _PICOWS_LOGGER,
+                               asyncio.get_running_loop())
+            else:
+                proto.connection_made(view)
+        except BaseException:
+            # picows' protocol may be half set up: the gate takes the connection back,
+            # and its caller answers 500.
+            transport.set_protocol(self)
+            raise
+        with memoryview(self.buffer) as buffered, buffered[self.head_end + 4:] as early:
+            if fast:
+                self._feed(proto, early)
+            else:
+                self._feed(proto, b"".join((_REPLAY_HEAD, self.ws_key, b"\r\n\r\n", early)))
+        self.buffer = bytearray()
         transport.resume_reading()
         # on_ws_disconnected never fires for a connection picows refused.
         return bool(listener.connected)
+
+    def _feed(self, proto: Any, data: Any) -> None:
+        """Bytes into picows' protocol (WSProtocol has no data_received: through its
+        buffered interface), until they end or picows ends the connection."""
+        transport = self.transport
+        with memoryview(data) as view:
+            offset = 0
+            while offset < len(view):
+                chunk = proto.get_buffer(-1)
+                size = min(len(chunk), len(view) - offset)
+                chunk[:size] = view[offset:offset + size]
+                proto.buffer_updated(size)
+                offset += size
+                # After a refusal or a protocol error picows has closed, or sent its
+                # CLOSE: feeding more would make it parse again.
+                ws = proto.transport
+                if ws.is_disconnected or ws.is_close_frame_sent or transport.is_closing():
+                    break
 
 
 def _picows_protocol(listener_factory: Any, max_frame_size: int, idle: float = 20,
