@@ -739,7 +739,8 @@ class _Pacer:
             await asyncio.sleep(0)  # due already: still let the loop read meanwhile
             return
         if self.fd < 0:
-            await asyncio.sleep((due_ns - now) / 1e9)
+            # The loop's timer counts whole milliseconds: a shorter wait would end early.
+            await asyncio.sleep(max((due_ns - now) / 1e9, MIN_TICK))
             return
         self.spec.it_value.tv_sec, self.spec.it_value.tv_nsec = divmod(due_ns, 1_000_000_000)
         if self._settime(self.fd, 1, ctypes.byref(self.spec), None) != 0:  # ABSTIME
@@ -1016,7 +1017,9 @@ async def run_load_test(num_workers: int, warmup: float, duration: float, interv
             "connect_errors": dict(failures),
             "error_samples": list(stats.samples),
             "latency_ns": latency,
-            "bursts": _bursts(stats.stamps, stats.latencies),
+            # Upstream, every message has its own send stamp: no bursts to split.
+            "bursts": _bursts(stats.stamps, stats.latencies) if not up else _bursts(
+                array.array("q"), array.array("q")),
             **({"latency_samples_ns": lat} if keep_samples else {}),
             "latency_ms": {k: (v / 1e6 if v is not None else None) for k, v in latency.items()},
             "sent_target": sent_target,
