@@ -530,11 +530,12 @@ class Gate(asyncio.Protocol):
             # and its caller answers 500.
             transport.set_protocol(self)
             raise
-        with memoryview(self.buffer) as buffered, buffered[self.head_end + 4:] as early:
-            if fast:
-                self._feed(proto, early)
-            else:
-                self._feed(proto, b"".join((_REPLAY_HEAD, self.ws_key, b"\r\n\r\n", early)))
+        start = self.head_end + 4
+        if not fast:
+            self._feed(proto, b"".join((_REPLAY_HEAD, self.ws_key, b"\r\n\r\n",
+                                        memoryview(self.buffer)[start:])))
+        elif len(self.buffer) > start:
+            self._feed(proto, memoryview(self.buffer)[start:])
         self.buffer = bytearray()
         transport.resume_reading()
         # on_ws_disconnected never fires for a connection picows refused.
