@@ -114,6 +114,7 @@ _CONT = WSMsgType.CONTINUATION
 _CLOSE = WSMsgType.CLOSE
 _now_ns = time.perf_counter_ns
 _PAD = b"x" * 65536
+STAMP_WIDTH = 20               # characters for a send stamp (perf_counter_ns has 19 at most)
 
 
 class LoadTestError(Exception):
@@ -525,7 +526,7 @@ class _PublishConn(_RawRedisConn):
             self.idle.set_result(None)
 
     # -- API
-    def publish_batch(self, blob: bytes, n: int) -> None:
+    def publish_batch(self, blob: bytes | bytearray, n: int) -> None:
         if self.lost is not None or self.transport is None:
             self.stats.publish_errors += n
             return
@@ -764,6 +765,11 @@ async def _publish_loop(conns: list[_PublishConn], connected: list[_Worker], nms
     at t0 + g*step, so each worker gets one per interval and the workers are spread evenly
     over it. Everything due at a tick goes out in one write per connection. A worker always
     uses the same connection, so Redis (and the proxy) keep its messages in order.
+
+    The send stamp is taken once the tick's commands are built, just before they are
+    written, and put into each message's slot for it (right-aligned in STAMP_WIDTH
+    characters; JSON allows the spaces before a number): building a tick's ten or more
+    messages takes longer than writing them, and is no part of the path measured.
     """
     C = len(connected)
     K = len(conns)
@@ -773,6 +779,8 @@ async def _publish_loop(conns: list[_PublishConn], connected: list[_Worker], nms
              for w in connected]
     route = [j % K for j in range(C)]
     pad = _PAD
+    blank = b" " * STAMP_WIDTH
+    stamp_format = b"%" + str(STAMP_WIDTH).encode() + b"d"
     m = 0
     while m < total:
         now = _now_ns()
@@ -781,16 +789,26 @@ async def _publish_loop(conns: list[_PublishConn], connected: list[_Worker], nms
             lag = now - (t0 + m * step_ns)
             if lag > st.max_lag_ns:
                 st.max_lag_ns = int(lag)
-            parts: list[list[bytes]] = [[] for _ in range(K)]
-            ts = _now_ns()
+            parts = [bytearray() for _ in range(K)]
+            slots: list[list[int]] = [[] for _ in range(K)]
             for g in range(m, due_end):
                 s, j = divmod(g, C)
-                body = b'{"w":%d,"s":%d,"t":%d,"p":"' % (wids[j], s, ts)
-                body += pad[:max(0, payload_size - len(body) - 2)] + b'"}'
-                parts[route[j]].append(b"%s$%d\r\n%s\r\n" % (heads[j], len(body), body))
+                head = b'{"w":%d,"s":%d,"t":' % (wids[j], s)
+                tail = b',"p":"' + pad[:max(0, payload_size - len(head) - STAMP_WIDTH - 8)]
+                size = len(head) + STAMP_WIDTH + len(tail) + 2
+                buf = parts[route[j]]
+                buf += b"%s$%d\r\n%s" % (heads[j], size, head)
+                slots[route[j]].append(len(buf))
+                buf += blank + tail + b'"}\r\n'
+            stamp = stamp_format % _now_ns()
+            if len(stamp) != STAMP_WIDTH:  # a clock past 10**20 ns: never, but not silently
+                raise LoadTestError(f"send stamp {stamp!r} is wider than {STAMP_WIDTH}")
             for k in range(K):
-                if parts[k]:
-                    conns[k].publish_batch(b"".join(parts[k]), len(parts[k]))
+                if slots[k]:
+                    buf = parts[k]
+                    for at in slots[k]:
+                        buf[at:at + STAMP_WIDTH] = stamp
+                    conns[k].publish_batch(buf, len(slots[k]))
             m = due_end
             if m >= total:
                 break

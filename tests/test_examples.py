@@ -584,3 +584,46 @@ def _results_with(bursts):
         "measure_wall_secs": 1.0, "cpu_percent": 10.0, "total_cpu_secs": 0.2,
         "total_wall_secs": 2.0, "bursts": bursts,
     }
+
+
+def test_load_test_publishes_a_tick_with_one_stamp_in_exact_framing():
+    # Down: every message of a tick carries the same send stamp, written into its slot
+    # after the commands were built, in a body of exactly the payload size that is
+    # valid JSON; the RESP lengths around it stay exact.
+    import asyncio
+    import json
+    from types import SimpleNamespace
+
+    lt = load_module("load_test")
+    sent = []
+
+    class Conn:
+        def publish_batch(self, blob, n):
+            sent.append((bytes(blob), n))
+
+    workers = [SimpleNamespace(wid=w, channel=f"session:s{w}:down".encode())
+               for w in range(5)]
+    before = time.perf_counter_ns()
+    asyncio.run(lt._publish_loop([Conn(), Conn()], workers, 1, before - 10**9, 1.0, 128,
+                                 None, lt._Stats()))
+    after = time.perf_counter_ns()
+    assert [n for _, n in sent] == [3, 2]
+    bodies = []
+    for blob, n in sent:
+        at = 0
+        for _ in range(n):  # *3 $7 PUBLISH $len channel $len body, lengths exact
+            assert blob.startswith(b"*3\r\n$7\r\nPUBLISH\r\n", at)
+            at += len(b"*3\r\n$7\r\nPUBLISH\r\n")
+            for _argument in ("channel", "body"):
+                assert blob[at:at + 1] == b"$"
+                end = blob.index(b"\r\n", at)
+                start, size = end + 2, int(blob[at + 1:end])
+                assert blob[start + size:start + size + 2] == b"\r\n"
+                at = start + size + 2
+            bodies.append(blob[start:start + size])
+        assert at == len(blob)
+    assert all(len(b) == 128 for b in bodies)
+    messages = [json.loads(b) for b in bodies]
+    assert sorted(m["w"] for m in messages) == list(range(5))
+    stamps = {m["t"] for m in messages}
+    assert len(stamps) == 1 and before <= stamps.pop() <= after
