@@ -85,3 +85,60 @@ def test_encode_command_is_resp_that_hiredis_reads_back(args):
     expected = [a if isinstance(a, bytes) else str(a).encode() for a in args]
     assert reader.gets() == expected
     assert reader.gets() is False
+
+
+def test_heartbeat_sweep_sends_at_most_its_ping_budget_and_the_rest_follow():
+    """Sockets that fell due together are pinged a budget at a time, those not pinged
+    first in the next pass; a silent socket is closed whatever the budget; without a
+    budget every due socket is pinged."""
+    import logging
+
+    from picows.picows import WSTransport
+
+    from .conftest import NullEvents
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        listeners, peers, transports = [], [], []
+        for _ in range(5):
+            ours, theirs = socket.socketpair()
+            transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
+            listener = _fastpath.SessionListener(_fastpath.Upstream(), b"session:s:up", 1,
+                                                 "s", "a", NullEvents())
+            listener.on_ws_connected(WSTransport(False, transport, logging.getLogger("t"),
+                                                 loop))
+            listeners.append(listener)
+            peers.append(theirs)
+            transports.append(transport)
+        now = 1000.0
+        for listener in listeners:
+            listener.last_activity = now - 10  # idle for 10 s
+            listener.last_ping = 0.0
+        pinged = []
+        for budget in (2, 2, 2):
+            assert _fastpath.heartbeat_sweep(listeners, now, 1.0, 100.0, budget) == 0
+            pinged.append([i for i, lsn in enumerate(listeners) if lsn.last_ping == now])
+        await asyncio.sleep(0.05)
+        frames = []
+        for peer in peers:
+            peer.setblocking(False)
+            try:
+                frames.append(peer.recv(64))
+            except BlockingIOError:
+                frames.append(b"")
+        later = now + 1.5  # all due again: no budget pings them all
+        assert _fastpath.heartbeat_sweep(listeners, later, 1.0, 100.0) == 0
+        everyone = all(lsn.last_ping == later for lsn in listeners)
+        # Silent past the timeout: closed even with no ping budget left.
+        closed = _fastpath.heartbeat_sweep(listeners[:1], now + 200, 1.0, 100.0, 0)
+        for transport in transports:
+            transport.abort()
+        for peer in peers:
+            peer.close()
+        return pinged, frames, everyone, closed
+
+    pinged, frames, everyone, closed = asyncio.run(main())
+    assert [len(p) for p in pinged] == [2, 4, 5]  # two, then two more, then the last
+    assert frames == [b"\x89\x00"] * 5  # one PING each, no more
+    assert everyone
+    assert closed == 1

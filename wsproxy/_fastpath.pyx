@@ -1475,12 +1475,15 @@ cdef class SessionListener(WSListener):
         return self.transport.underlying_transport.get_write_buffer_size()
 
 
-def heartbeat_sweep(listeners, double now, double interval, double timeout) -> int:
+def heartbeat_sweep(listeners, double now, double interval, double timeout,
+                    Py_ssize_t max_pings=-1) -> int:
     """Ping idle sockets, close silent ones; returns how many were closed.
 
     A socket is idle when nothing (data, ping or pong) arrived for ``interval``
     seconds; it is pinged then and every ``interval`` after, and closed with 1011
-    once silent for ``timeout``.
+    once silent for ``timeout``. At most ``max_pings`` are sent (all if negative):
+    sockets that connected together fall due together, and thousands of pings in one
+    pass would hold up every message behind them; those left wait for a later pass.
     """
     cdef SessionListener listener
     cdef double idle
@@ -1493,9 +1496,10 @@ def heartbeat_sweep(listeners, double now, double interval, double timeout) -> i
             STATS.c[C_PING_TIMEOUTS] += 1
             listener.close(1011, "ping timeout")
             closed += 1
-        elif idle >= interval and now - listener.last_ping >= interval:
+        elif idle >= interval and now - listener.last_ping >= interval and max_pings != 0:
             listener.last_ping = now
             listener.transport.send_ping()
+            max_pings -= 1
     return closed
 
 
