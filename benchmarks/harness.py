@@ -310,12 +310,18 @@ def main() -> None:
                         help="let the scheduler place every process (latency at low load is "
                              "then not set by Redis and the load generator sharing a core)")
     parser.add_argument("--json", help="write every run's summary here")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="a setting for the servers under test (repeatable), "
+                             "e.g. WS_PING_INTERVAL_SECS=15")
     args = parser.parse_args()
     if args.no_pin:
         global _taskset
         _taskset = _no_taskset
     else:
         pin_self()
+    if any("=" not in item for item in args.env):
+        parser.error("--env takes NAME=VALUE")
+    settings = dict(item.split("=", 1) for item in args.env)
     servers = args.servers.split(",")
     runs: dict[str, list[Measurement]] = {s: [] for s in servers}
     redis = start_redis()
@@ -323,8 +329,8 @@ def main() -> None:
         for round_ in range(args.rounds):
             for server in servers:  # A B A B: drift hits every server alike
                 m = measure(server, redis, args.workers, args.warmup, args.duration,
-                            args.interval, args.payload, direction=args.direction,
-                            tick=args.tick)
+                            args.interval, args.payload, env=settings,
+                            direction=args.direction, tick=args.tick)
                 runs[server].append(m)
                 print(f"round {round_ + 1} {json.dumps(m.summary())}", flush=True)
     finally:
