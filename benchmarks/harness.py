@@ -319,7 +319,7 @@ def main() -> None:
         _taskset = _no_taskset
     else:
         pin_self()
-    if any("=" not in item for item in args.env):
+    if any(not item.partition("=")[0] or "=" not in item for item in args.env):
         parser.error("--env takes NAME=VALUE")
     settings = dict(item.split("=", 1) for item in args.env)
     servers = args.servers.split(",")

@@ -426,3 +426,38 @@ def test_resubscription_in_batches_survives_sockets_leaving(make_redis, make_pro
         return left_over
 
     assert asyncio.run(main()) == [0] * 110
+
+
+def test_heartbeat_pass_looks_at_each_socket_once_a_period_in_steps_with_a_budget(
+        monkeypatch):
+    """In process, with the clock and the sweep recorded: at the defaults (15 s / 30 s)
+    a pass takes 1 s in 20 steps of 50 ms, each step looks at its share of the sockets
+    in the order they opened, every socket once a pass, and may send at most enough
+    pings to reach all of them in a quarter interval (at least 16)."""
+    from wsproxy import _fastpath, session
+
+    table = session.ConnectionTable(None, None, 15.0, 30.0)
+    for i in range(10_000):
+        table._opened_at[f"socket {i}"] = 0.0
+    steps: list[float] = []
+    calls: list[tuple[list, int]] = []
+
+    async def fake_sleep(seconds):
+        steps.append(seconds)
+        if len(steps) > 40:  # two passes
+            raise asyncio.CancelledError
+
+    def fake_sweep(listeners, now, interval, timeout, budget):
+        calls.append((list(listeners), budget))
+        return 0
+
+    monkeypatch.setattr(session.asyncio, "sleep", fake_sleep)
+    monkeypatch.setattr(_fastpath, "heartbeat_sweep", fake_sweep)
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(table._sweep_forever())
+    assert len(calls) == 40 and all(s == pytest.approx(0.05) for s in steps)
+    first_pass = [name for part, _ in calls[:20] for name in part]
+    assert first_pass == [f"socket {i}" for i in range(10_000)]  # once each, in order
+    assert [len(part) for part, _ in calls[:20]] == [500] * 20
+    assert {budget for _, budget in calls} == {134}  # 10,000 × 0.05 s / 3.75 s
+    assert [name for part, _ in calls[20:] for name in part] == first_pass

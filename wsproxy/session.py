@@ -117,22 +117,25 @@ class ConnectionTable:
         # pings it sends come all at once.
         period = max(0.02, min(1.0, self.ping_interval / 4,
                                (self.ping_timeout - self.ping_interval) / 4))
-        step = min(period, PING_SWEEP_STEP)
+        step = period / math.ceil(period / PING_SWEEP_STEP)  # a pass takes one period
         # Sockets that connected together fall due for a ping together: thousands of
         # pings at once held up every message for tens of milliseconds (5,000 idle
         # sockets at the default settings: P99.9 20 ms, worst 39 ms). A step sends at
         # most enough pings to reach every socket within a quarter of the interval (or
         # of the slack between a ping and the timeout, if shorter); the others are
         # pinged on a later pass, and from then on their pings stay spread out.
-        spread = min(self.ping_interval, self.ping_timeout - self.ping_interval) / 4
+        spread = max(step, min(self.ping_interval, self.ping_timeout - self.ping_interval) / 4)
         sockets: list[SessionListener] = []
         at = 0
         while True:
             await asyncio.sleep(step)
             now = time.monotonic()
             _fastpath.set_clock(now)
-            if at >= len(sockets):  # a new pass: sockets closed since are skipped
-                sockets, at = list(self.open), 0
+            if at >= len(sockets):
+                # A new pass, in the order the sockets opened (a set's order can change
+                # from one pass to the next, and a socket checked first in one pass and
+                # last in the next would wait two periods); those closed since are skipped.
+                sockets, at = list(self._opened_at), 0
             share = max(1, math.ceil(len(sockets) * step / period))
             budget = max(MIN_PINGS_PER_STEP, math.ceil(len(sockets) * step / spread))
             closed = _fastpath.heartbeat_sweep(sockets[at:at + share], now,
