@@ -438,7 +438,7 @@ def test_heartbeat_pass_looks_at_each_socket_once_a_period_in_steps_with_a_budge
 
     table = session.ConnectionTable(None, None, 15.0, 30.0)
     for i in range(10_000):
-        table._opened_at[f"socket {i}"] = 0.0
+        table.open[f"socket {i}"] = 0.0
     steps: list[float] = []
     calls: list[tuple[list, int]] = []
 

@@ -1489,7 +1489,7 @@ def heartbeat_sweep(listeners, double now, double interval, double timeout,
     cdef double idle
     cdef int closed = 0
     for listener in listeners:
-        if listener.closing or not listener.connected or listener.transport is None:
+        if listener.closing or not listener.connected:  # (connected: it has a transport)
             continue
         idle = now - listener.last_activity
         if idle >= timeout:

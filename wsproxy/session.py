@@ -48,10 +48,10 @@ class ConnectionTable:
         self.metrics = metrics
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
-        self.open: set[SessionListener] = set()
+        # The open sockets, in the order they opened, each with when (time.monotonic()).
+        self.open: dict[SessionListener, float] = {}
         self.handshaking = 0  # handshakes past the path check, not yet open or failed
         self._ids = itertools.count(1)
-        self._opened_at: dict[SessionListener, float] = {}
         self._heartbeat: asyncio.Task[None] | None = None
         self.all_closed = asyncio.Event()
         self.all_closed.set()
@@ -67,17 +67,15 @@ class ConnectionTable:
 
     # listener events -----------------------------------------------------------
     def connected(self, listener: SessionListener) -> None:
-        self.open.add(listener)
+        self.open[listener] = time.monotonic()
         self.all_closed.clear()
-        self._opened_at[listener] = time.monotonic()
         self.metrics.active_connections = len(self.open)
         log_event(logging.INFO, "connection_open", session_id=listener.session_id,
                   conn_id=listener.conn_id, agent_id=listener.agent_id)
 
     def disconnected(self, listener: SessionListener) -> None:
         self.pubsub.detach(down_channel(listener.session_id), listener)
-        self.open.discard(listener)
-        opened = self._opened_at.pop(listener, None)
+        opened = self.open.pop(listener, None)
         self.metrics.active_connections = len(self.open)
         code = listener.close_code if listener.close_code is not None else 1006
         reason = listener.close_reason or "connection lost"
@@ -132,12 +130,13 @@ class ConnectionTable:
             now = time.monotonic()
             _fastpath.set_clock(now)
             if at >= len(sockets):
-                # A new pass, in the order the sockets opened (a set's order can change
-                # from one pass to the next, and a socket checked first in one pass and
-                # last in the next would wait two periods); those closed since are skipped.
-                sockets, at = list(self._opened_at), 0
-            share = max(1, math.ceil(len(sockets) * step / period))
-            budget = max(MIN_PINGS_PER_STEP, math.ceil(len(sockets) * step / spread))
+                # A new pass, in the order the sockets opened (were it an order that can
+                # change from one pass to the next, a socket checked first in one pass
+                # and last in the next would wait two periods); those closed since are
+                # skipped.
+                sockets, at = list(self.open), 0
+                share = max(1, math.ceil(len(sockets) * step / period))
+                budget = max(MIN_PINGS_PER_STEP, math.ceil(len(sockets) * step / spread))
             closed = _fastpath.heartbeat_sweep(sockets[at:at + share], now,
                                                self.ping_interval, self.ping_timeout, budget)
             at += share
