@@ -319,9 +319,12 @@ def main() -> None:
         _taskset = _no_taskset
     else:
         pin_self()
-    if any(not item.partition("=")[0] or "=" not in item for item in args.env):
-        parser.error("--env takes NAME=VALUE")
-    settings = dict(item.split("=", 1) for item in args.env)
+    settings: dict[str, str] = {}
+    for item in args.env:
+        name, equals, value = item.partition("=")
+        if not name or not equals:
+            parser.error("--env takes NAME=VALUE")
+        settings[name] = value
     servers = args.servers.split(",")
     runs: dict[str, list[Measurement]] = {s: [] for s in servers}
     redis = start_redis()
