@@ -739,17 +739,16 @@ class _Pacer:
         if due_ns <= now:
             await asyncio.sleep(0)  # due already: still let the loop read meanwhile
             return
-        if self.fd < 0:
-            # The loop's timer counts whole milliseconds: a shorter wait would end early.
-            await asyncio.sleep(max((due_ns - now) / 1e9, MIN_TICK))
-            return
-        self.spec.it_value.tv_sec, self.spec.it_value.tv_nsec = divmod(due_ns, 1_000_000_000)
-        if self._settime(self.fd, 1, ctypes.byref(self.spec), None) != 0:  # ABSTIME
-            # Should not happen; if it does, the loop's timer still keeps the pace.
-            await asyncio.sleep(max((due_ns - now) / 1e9, MIN_TICK))
-            return
-        self.waiter = self.loop.create_future()
-        await self.waiter
+        if self.fd >= 0:
+            self.spec.it_value.tv_sec, self.spec.it_value.tv_nsec = divmod(due_ns,
+                                                                           1_000_000_000)
+            if self._settime(self.fd, 1, ctypes.byref(self.spec), None) == 0:  # ABSTIME
+                self.waiter = self.loop.create_future()
+                await self.waiter
+                return
+        # No timerfd (or, should it fail, the loop's timer keeps the pace): it counts
+        # whole milliseconds, so a shorter wait would end early.
+        await asyncio.sleep(max((due_ns - now) / 1e9, MIN_TICK))
 
     def close(self) -> None:
         if self.fd >= 0:
