@@ -168,6 +168,81 @@ def test_slow_client_is_closed_and_others_keep_flowing(make_proxy, redis_server,
     assert "wsproxy_backpressure_disconnects_total 1" in metrics
 
 
+def test_client_that_sends_bad_frames_and_never_reads_is_closed_1008(make_proxy, redis_server,
+                                                                     session_id):
+    """Error replies count against MAX_BUFFER_SIZE_BYTES like downstream frames: a
+    client that floods invalid JSON (each answered with a 31-byte error frame) and
+    never reads is closed as too slow, not queued for without limit."""
+    buffer_limit = 64 * 1024
+    p = make_proxy(redis_server.url, MAX_BUFFER_SIZE_BYTES=buffer_limit)
+    set_tokens(redis_server, [session_id])
+    raw = RawWebSocket(p.port, f"/agent1/ws/{session_id}", "tok", rcvbuf=4096)
+    frame = b"\x81\x81" + b"\x00\x00\x00\x00" + b"x"  # masked (zero mask) text "x"
+    sent = 0
+    deadline = time.monotonic() + 20
+    try:
+        # 200,000 bad frames would be answered with 6 MB: enough to pass the limit
+        # with the kernel's buffers on both sides full, bounded in count and time.
+        while sent < 200_000 and time.monotonic() < deadline:
+            raw.sock.sendall(frame * 1000)
+            sent += 1000
+    except (ConnectionResetError, BrokenPipeError, TimeoutError):
+        pass
+    # The client stays, unread: the proxy gives up on it by itself.
+    wait_for(lambda: '"code":1008' in p.log(), 10, "close 1008 in the log")
+    raw.close()
+    assert "client too slow" in p.log()
+    metrics = p.get("/metrics")[1].decode()
+    assert "wsproxy_backpressure_disconnects_total 1" in metrics
+    assert 'wsproxy_errors_total{type="invalid_json"} 0' not in metrics
+    wait_for(lambda: numsub_all(redis_server, [session_id]) == [0], 5, "unsubscribed")
+    assert p.proc.poll() is None
+
+
+def test_client_that_closes_and_stops_reading_is_dropped(make_proxy, redis_server, session_id):
+    """The client sends CLOSE while the proxy still holds frames for it, and never reads
+    again: the proxy's answering CLOSE cannot be flushed, and the connection is dropped
+    after the close timeout, its subscription with it."""
+    p = make_proxy(redis_server.url, MAX_BUFFER_SIZE_BYTES=32 * 1024 * 1024)
+    set_tokens(redis_server, [session_id])
+    raw = RawWebSocket(p.port, f"/agent1/ws/{session_id}", "tok", rcvbuf=4096)
+    r = redis_server.client()
+    for _ in range(8):  # 8 MB: under MAX_BUFFER_SIZE_BYTES, over what the kernel holds
+        pipe = r.pipeline(transaction=False)
+        for _ in range(1000):
+            pipe.publish(f"session:{session_id}:down", '"' + "x" * 1000 + '"')
+        pipe.execute()
+    time.sleep(0.3)
+    raw.send_frame(CLOSE, struct.pack("!H", 1000))
+    closed_at = time.monotonic()
+    wait_for(lambda: numsub_all(redis_server, [session_id]) == [0], 6, "unsubscribed")
+    dropped_after = time.monotonic() - closed_at
+    raw.close()
+    assert dropped_after < 4
+    wait_for(lambda: '"event":"connection_close"' in p.log(), 5, "connection_close logged")
+    closes = [json.loads(line) for line in p.log().splitlines()
+              if '"event":"connection_close"' in line]
+    assert [(c["code"], c["reason"]) for c in closes] == [(1000, "client closed")]
+    assert json.loads(p.get("/health")[1])["connections"] == 0
+
+
+def test_oversized_frame_close_is_logged_with_1009(make_proxy, redis_server, session_id):
+    """picows sends the 1009 itself: the log says so, not 1006 'connection lost'."""
+    p = make_proxy(redis_server.url, MAX_MESSAGE_SIZE_BYTES=1000, MAX_FRAME_SIZE_BYTES=10_000)
+    set_tokens(redis_server, [session_id])
+    raw = RawWebSocket(p.port, f"/agent1/ws/{session_id}", "tok")
+    raw.send_frame(TEXT, b'"' + b"a" * 20_000 + b'"')
+    opcode, payload = raw.read_frame()
+    assert opcode == CLOSE and struct.unpack("!H", payload[:2])[0] == 1009
+    # No CLOSE back (which would carry the code too): picows ends the connection.
+    wait_for(lambda: '"event":"connection_close"' in p.log(), 5, "connection_close logged")
+    raw.close()
+    closes = [json.loads(line) for line in p.log().splitlines()
+              if '"event":"connection_close"' in line]
+    assert [c["code"] for c in closes] == [1009]
+    assert "exceeding max allowed size" in closes[0]["reason"]
+
+
 # --- limits ------------------------------------------------------------------------------
 
 def test_silent_and_trickling_clients_are_dropped(make_proxy, redis_server, session_id):

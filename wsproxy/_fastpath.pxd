@@ -133,8 +133,10 @@ cdef class SessionListener(WSListener):
     cdef int send_down(self, WSMsgType msg_type, const char* data, Py_ssize_t size) except -1
     cdef int _on_message(self, const char* data, Py_ssize_t size) except -1
     cdef int _send_error(self, bytes error) except -1
+    cdef _check_backlog(self)
     cdef _start_fragmented(self, bint binary, WSFrame frame)
     cdef _finish_fragmented(self)
     cdef _on_close_frame(self, WSFrame frame)
     cdef _protocol_error(self, str reason)
     cdef _too_slow(self)
+    cdef _note_picows_close(self)

@@ -1170,6 +1170,7 @@ cdef class PubSubProtocol(RedisProtocol):
 
 cdef enum:
     SMALL_FRAME = 2048  # frames up to this size are sent from one stack buffer
+    CLOSE_ABORT_SECS = 2  # after our CLOSE, how long the client has to close its side
 
 
 cdef inline Py_ssize_t _frame_header(unsigned char* out, WSMsgType msg_type,
@@ -1295,13 +1296,16 @@ cdef class SessionListener(WSListener):
             if frame.fin:
                 self._finish_fragmented()
         elif msg_type == WSMsgType.PING:
-            transport.send_pong(frame.get_payload_as_bytes())
+            if not self.closing and not self.too_slow:
+                transport.send_pong(frame.get_payload_as_bytes())
+                self._check_backlog()
         elif msg_type == WSMsgType.CLOSE:
             self._on_close_frame(frame)
         # PONG: nothing beyond the activity stamp above.
 
     cpdef on_ws_disconnected(self, WSTransport transport):
         self.connected = False
+        self._note_picows_close()
         self.events.disconnected(self)
 
     cpdef pause_writing(self):
@@ -1354,9 +1358,17 @@ cdef class SessionListener(WSListener):
             self._on_message(PyByteArray_AS_STRING(message), PyByteArray_GET_SIZE(message))
 
     cdef int _send_error(self, bytes error) except -1:
-        if self.transport is not None and not self.closing:
+        if self.transport is not None and not self.closing and not self.too_slow:
             self.transport.send(WSMsgType.TEXT, error)
+            self._check_backlog()
         return 0
+
+    cdef _check_backlog(self):
+        # Replies (error frames, pongs) count against the same bound as downstream
+        # frames: a client that keeps sending bad frames or pings and never reads
+        # must not make the proxy queue its answers without limit.
+        if self.transport.underlying_transport.get_write_buffer_size() > g_max_buffer:
+            self._too_slow()
 
     # downstream ---------------------------------------------------------------
     cdef int send_down(self, WSMsgType msg_type, const char* data, Py_ssize_t size) except -1:
@@ -1440,28 +1452,51 @@ cdef class SessionListener(WSListener):
     # closing ------------------------------------------------------------------
     cdef _on_close_frame(self, WSFrame frame):
         cdef int code = <int>frame.get_close_code()
+        cdef bint answering = self.closing
+        self._note_picows_close()
         if self.close_code is None:
             self.close_code = code if code != 0 else 1005
             self.close_reason = "client closed"
         self.closing = True
-        self.transport.send_close(<WSCloseCode>_safe_close_code(code))
+        # A CLOSE already sent (ours, or picows') is what the client answers: no
+        # second one goes back.
+        if not self.transport.is_close_frame_sent:
+            self.transport.send_close(<WSCloseCode>_safe_close_code(code))
         self.transport.disconnect()
+        if not answering:
+            # disconnect() waits for the transport to flush: a client that stops
+            # reading after its CLOSE would keep the connection (and its subscription)
+            # for good. (close() set the same limit on a close of ours.)
+            self.transport._loop.call_later(CLOSE_ABORT_SECS, self._abort_if_open)
 
     cdef _protocol_error(self, str reason):
         STATS.c[C_ERRORS_PROTOCOL] += 1
         self.close(1002, reason)
 
-    def close(self, int code, str reason, double abort_after=2.0):
+    def close(self, int code, str reason, double abort_after=CLOSE_ABORT_SECS):
         """Send CLOSE ``code``; drop the TCP connection if the client has not closed
         its side within ``abort_after`` seconds."""
         if self.transport is None or self.closing:
             return
         self.closing = True
+        self._note_picows_close()
         if self.close_code is None:
             self.close_code = code
             self.close_reason = reason
-        self.transport.send_close(<WSCloseCode>code, reason.encode())
+        if not self.transport.is_close_frame_sent:  # picows may have sent one itself
+            self.transport.send_close(<WSCloseCode>code, reason.encode())
         self.transport._loop.call_later(abort_after, self._abort_if_open)
+
+    cdef _note_picows_close(self):
+        # picows sends a CLOSE by itself on a frame it cannot parse (1002) or one over
+        # the frame limit (1009): unless a close of ours came first, that is the code
+        # the connection ended with.
+        if self.close_code is not None or self.transport is None:
+            return
+        handshake = self.transport.close_handshake
+        if handshake is not None and handshake.sent is not None:
+            self.close_code = int(handshake.sent.code)
+            self.close_reason = handshake.sent.reason or "protocol error"
 
     def _abort_if_open(self):
         if self.transport is not None and not self.transport.is_disconnected:
@@ -1496,7 +1531,8 @@ def heartbeat_sweep(listeners, double now, double interval, double timeout,
             STATS.c[C_PING_TIMEOUTS] += 1
             listener.close(1011, "ping timeout")
             closed += 1
-        elif idle >= interval and now - listener.last_ping >= interval and max_pings != 0:
+        elif (idle >= interval and now - listener.last_ping >= interval and max_pings != 0
+                and not listener.transport.is_close_frame_sent):  # nothing after a CLOSE
             listener.last_ping = now
             listener.transport.send_ping()
             max_pings -= 1
