@@ -108,6 +108,41 @@ def test_oversized_request_head_is_431(proxy):
     assert answer.startswith(b"HTTP/1.1 431 ")
 
 
+def test_key_beyond_ascii_is_400_not_an_internal_error(proxy, redis_server, session_id):
+    redis_server.client().set(f"session:{session_id}:auth", "tok")
+    head = (f"GET /agent1/ws/{session_id} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            "Authorization: Bearer tok\r\n").encode() + \
+        b"Sec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAA\xe9==\r\n\r\n"
+    answer = raw_request(proxy.port, head)
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert b"Sec-WebSocket-Key" in answer
+    assert "request handling failed" not in proxy.log()
+    metrics = proxy.get("/metrics")[1].decode()
+    assert 'wsproxy_errors_total{type="internal"} 0' in metrics
+
+
+@pytest.mark.parametrize("path", ["/health", "/ready", "/metrics"])
+def test_head_gets_the_head_of_get_without_a_body(proxy, path):
+    get = raw_request(proxy.port, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    head = raw_request(proxy.port, f"HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    get_head, _, get_body = get.partition(b"\r\n\r\n")
+    head_head, _, head_body = head.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert head_body == b""
+    assert get_body
+    length = [line for line in head_head.split(b"\r\n") if line.startswith(b"Content-Length:")]
+    assert length and int(length[0].split(b":")[1]) > 0
+    if path != "/metrics":  # (the metrics count the requests themselves)
+        assert head_head == get_head
+
+
+def test_other_methods_on_health_are_405_naming_get_and_head(proxy):
+    answer = raw_request(proxy.port, b"POST /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 405 ")
+    assert b"\r\nAllow: GET, HEAD\r\n" in answer
+
+
 # --- token -------------------------------------------------------------------------
 
 def test_no_token_is_401_with_www_authenticate(proxy, session_id):

@@ -204,6 +204,7 @@ def test_wrong_websocket_version_is_426(head: bytes) -> None:
         upgrade_head(Sec_WebSocket_Key="not base64!!"),
         upgrade_head(Sec_WebSocket_Key="AAAAAAAAAAAAAAAAAAAA"),  # 15 bytes
         upgrade_head(Sec_WebSocket_Key="AAAAAAAAAAAAAAAAAAAAAAAAAA=="),  # 19 bytes
+        upgrade_head(Sec_WebSocket_Key="AAAAAAAAAAAAAAAAAAAAA\xe9=="),  # beyond ASCII
     ],
 )
 def test_bad_or_missing_key_is_400(head: bytes) -> None:

@@ -12,6 +12,7 @@ import time
 
 import psutil
 import pytest
+import redis
 import websockets
 
 from .conftest import close_codes, wait_for
@@ -419,6 +420,40 @@ def test_sigterm_drains_then_closes_1001_and_exits_0(make_proxy, redis_server, s
     assert "Traceback" not in log
     events = [json.loads(line)["event"] for line in log.splitlines() if line.startswith("{")]
     assert "shutdown_started" in events and "shutdown_complete" in events
+
+
+def test_handshake_under_way_at_sigterm_is_refused_503(make_redis, make_proxy, session_id):
+    """A signal that comes while a handshake waits for Redis: that socket is not
+    accepted any more than a new one (503), while open sockets are served through the
+    grace period."""
+    server = make_redis()
+    p = make_proxy(server.url, SHUTDOWN_GRACE_PERIOD_SECS=3)
+    open_sid, late_sid = f"{session_id}-open", f"{session_id}-late"
+    set_tokens(server, [open_sid, late_sid])
+    blocker = redis.Redis(port=server.port, socket_timeout=5)
+
+    async def main():
+        ws = await connect(p, open_sid)
+        loop = asyncio.get_running_loop()
+        # DEBUG SLEEP holds all of Redis: the late handshake's GET waits through it.
+        sleeper = loop.run_in_executor(None, blocker.execute_command, "DEBUG", "SLEEP", "0.8")
+        await asyncio.sleep(0.1)
+        late = asyncio.ensure_future(handshake_status(p, late_sid))
+        await asyncio.sleep(0.2)
+        p.proc.send_signal(signal.SIGTERM)
+        await sleeper
+        status = await asyncio.wait_for(late, 5)
+        server.client().publish(f"session:{open_sid}:down", '"still served"')
+        message = await asyncio.wait_for(ws.recv(), 5)
+        codes = await close_codes([ws])
+        return status, message, codes
+
+    status, message, codes = asyncio.run(main())
+    assert status == 503
+    assert message == '"still served"'
+    assert codes == [1001]
+    assert p.proc.wait(10) == 0
+    assert '"reason":"draining"' in p.log()
 
 
 def test_second_signal_closes_at_once(make_proxy, redis_server, session_id):

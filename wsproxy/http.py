@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import logging
 import math
 import re
@@ -116,7 +115,7 @@ def upgrade_problem(request: Request) -> tuple[int, str] | None:
     try:
         if len(base64.b64decode(key, validate=True)) != 16:
             return 400, "Sec-WebSocket-Key must be 16 bytes in base64"
-    except binascii.Error:
+    except ValueError:  # binascii.Error, or a key with bytes beyond ASCII
         return 400, "Sec-WebSocket-Key must be 16 bytes in base64"
     if "content-length" in request.headers and request.headers["content-length"] != "0":
         return 400, "a WebSocket upgrade has no body"
@@ -126,13 +125,16 @@ def upgrade_problem(request: Request) -> tuple[int, str] | None:
 
 
 def http_response(status: int, body: bytes, content_type: str = "application/json",
-                  extra_headers: tuple[tuple[str, str], ...] = ()) -> bytes:
-    """A complete HTTP/1.1 response that closes the connection."""
+                  extra_headers: tuple[tuple[str, str], ...] = (),
+                  head_only: bool = False) -> bytes:
+    """A complete HTTP/1.1 response that closes the connection; to a HEAD request
+    (``head_only``), the same head without the body."""
     reason = HTTPStatus(status).phrase
     lines = [f"HTTP/1.1 {status} {reason}", f"Content-Type: {content_type}",
              f"Content-Length: {len(body)}", "Connection: close", "Cache-Control: no-store"]
     lines.extend(f"{name}: {value}" for name, value in extra_headers)
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + body
 
 
 def error_body(message: str) -> bytes:
@@ -293,10 +295,12 @@ class Gate(asyncio.Protocol):
             self.timer = None
 
     def _finish(self, status: int, body: bytes, content_type: str = "application/json",
-                extra_headers: tuple[tuple[str, str], ...] = ()) -> None:
+                extra_headers: tuple[tuple[str, str], ...] = (),
+                head_only: bool = False) -> None:
         if self.lost or self.transport.is_closing():
             return
-        self.transport.write(http_response(status, body, content_type, extra_headers))
+        self.transport.write(http_response(status, body, content_type, extra_headers,
+                                           head_only))
         self.transport.close()
 
     def _internal_error(self) -> None:
@@ -357,18 +361,19 @@ class Gate(asyncio.Protocol):
             return
         path = request.path
         if path in ("/health", "/ready", "/metrics"):
-            if request.method not in ("GET", "HEAD"):
+            head_only = request.method == "HEAD"
+            if request.method != "GET" and not head_only:
                 self._finish(405, error_body("method not allowed"),
-                             extra_headers=(("Allow", "GET"),))
+                             extra_headers=(("Allow", "GET, HEAD"),))
             elif path == "/health":
                 status, body = server.health()
-                self._finish(status, body)
+                self._finish(status, body, head_only=head_only)
             elif path == "/ready":
                 status, body = server.readiness()
-                self._finish(status, body)
+                self._finish(status, body, head_only=head_only)
             else:
                 self._finish(200, server.metrics.render().encode(),
-                             "text/plain; version=0.0.4; charset=utf-8")
+                             "text/plain; version=0.0.4; charset=utf-8", head_only=head_only)
             return
         match = _WS_PATH.fullmatch(path)
         if match is None:
@@ -490,6 +495,11 @@ class Gate(asyncio.Protocol):
         assert listener is not None
         if self.lost or self.transport.is_closing():
             self._end()
+            return
+        if self.server.draining:
+            # The signal came during auth or the subscription: a 101 now would be
+            # cut off by the exit (no socket was open, so no grace period runs).
+            self._fail(503, "shutting down", "draining")
             return
         if not self._hand_over(listener):
             # picows answered 400 and closed the connection itself: _fail writes nothing.
