@@ -107,3 +107,69 @@ def test_connection_loss_tells_every_subscribe_waiter_even_as_they_detach(redis_
     told, routes = uvloop.run(main())
     assert sorted(told) == [f"lost-{n}: gone" for n in range(3)]
     assert routes == {}
+
+
+def test_resubscribing_until_every_channel_is_acknowledged(redis_server, session_id):
+    """From a reconnection until Redis acknowledged every live channel again,
+    ``resubscribing`` is True (the server answers /health and /ready with 503); the
+    link reports the change once it is over."""
+    n = RESUBSCRIBE_BATCH * 2 + 10
+    channels = [f"session:{session_id}-{i}:down".encode() for i in range(n)]
+
+    async def main():
+        pubsub = await started(redis_server.url)
+        for ch in channels:
+            pubsub.attach(ch, listener("x"))
+        await pubsub.wait_subscribed(pubsub.routes[channels[-1]], 5)
+        seen: list[tuple[bool, bool, int]] = []
+        pubsub.on_state_change = lambda: seen.append(
+            (pubsub.resubscribing, pubsub.ready.is_set(),
+             sum(r.subscribed for r in pubsub.routes.values())))
+        before = pubsub.resubscribing
+        pubsub.proto.abort()
+        await asyncio.wait_for(pubsub.ready.wait(), 5)
+        at_ready = pubsub.resubscribing
+        await asyncio.wait_for(pubsub._resubscribe_task, 5)
+        seen_until_close = list(seen)
+        await pubsub.close()
+        return before, at_ready, seen_until_close
+
+    before, at_ready, seen = uvloop.run(main())
+    assert before is False
+    assert at_ready is True
+    # down, up (still re-subscribing), then done with every route acknowledged
+    assert seen == [(False, False, 0), (True, True, 0), (False, True, n)]
+
+
+def test_refused_channels_do_not_disturb_the_rest_of_a_resubscription(redis_server,
+                                                                      session_id):
+    """A SUBSCRIBE that Redis refuses (an ACL that does not allow the channel) gets one
+    error: with the channels of a batch each in its own SUBSCRIBE, the others are still
+    acknowledged and the re-subscription ends."""
+    admin = redis_server.client()
+    admin.execute_command("ACL", "SETUSER", "limited", "on", ">pw", "resetchannels",
+                          f"&session:{session_id}-ok-*", "+@all", "~*")
+    ok = [f"session:{session_id}-ok-{i}:down".encode() for i in range(5)]
+    refused = [f"session:{session_id}-no-{i}:down".encode() for i in range(2)]
+    url = redis_server.url.replace("redis://", "redis://limited:pw@")
+
+    async def main():
+        pubsub = await started(url)
+        for ch in refused[:1] + ok + refused[1:]:
+            pubsub.attach(ch, listener("x"))
+        await pubsub.wait_subscribed(pubsub.routes[ok[-1]], 5)
+        pubsub.proto.abort()
+        await asyncio.wait_for(pubsub.ready.wait(), 5)
+        await asyncio.wait_for(pubsub._resubscribe_task, 5)
+        state = {ch: pubsub.routes[ch].subscribed for ch in ok + refused}
+        resubscribing = pubsub.resubscribing
+        counts = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: dict(admin.pubsub_numsub(*ok, *refused)))
+        await pubsub.close()
+        return state, resubscribing, counts
+
+    state, resubscribing, counts = uvloop.run(main())
+    assert resubscribing is False
+    assert state == {**{ch: True for ch in ok}, **{ch: False for ch in refused}}
+    assert [counts[ch] for ch in ok] == [1] * len(ok)
+    assert [counts[ch] for ch in refused] == [0] * len(refused)

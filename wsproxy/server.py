@@ -73,8 +73,10 @@ class Server:
     # health -------------------------------------------------------------------------
     @property
     def redis_ok(self) -> bool:
-        """Both Redis connections are up and answered their last health PING."""
-        return self._redis_ok and self.command.ready.is_set() and self.pubsub.ready.is_set()
+        """Both Redis connections are up and answered their last health PING, and
+        every channel is subscribed again after a reconnection."""
+        return (self._redis_ok and self.command.ready.is_set() and self.pubsub.ready.is_set()
+                and not self.pubsub.resubscribing)
 
     def _instance_state(self) -> tuple[bool, bool, int]:
         """(Redis OK for every live worker, any worker draining, live workers).

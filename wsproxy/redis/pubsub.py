@@ -50,6 +50,9 @@ class PubSub(ReconnectingLink):
         # What each control reply answers, in order: (kind, Route | Future | None).
         self._expected: deque[tuple[str, Any]] = deque()
         self._resubscribe_task: asyncio.Task[None] | None = None
+        # True from a reconnection until every channel live before it is subscribed
+        # again: /health and /ready say 503 meanwhile.
+        self.resubscribing = False
 
     def make_protocol(self) -> PubSubProtocol:
         return PubSubProtocol(self, self.routes, self._on_control)
@@ -63,10 +66,19 @@ class PubSub(ReconnectingLink):
             proto.send(command)
             await expect_ok(fut, "AUTH")
         if self.routes:
+            self.resubscribing = True
             self._resubscribe_task = loop.create_task(self._resubscribe(proto))
 
     async def _resubscribe(self, proto: Any) -> None:
         """Subscribe every live channel again, a batch at a time."""
+        try:
+            await self._resubscribe_batches(proto)
+        finally:
+            if self._resubscribe_task is asyncio.current_task():
+                self.resubscribing = False
+                self.on_state_change()
+
+    async def _resubscribe_batches(self, proto: Any) -> None:
         channels = list(self.routes)
         started = asyncio.get_running_loop().time()
         for i in range(0, len(channels), RESUBSCRIBE_BATCH):
@@ -77,7 +89,11 @@ class PubSub(ReconnectingLink):
                 continue
             for channel in batch:
                 self._expected.append(("subscribe", self.routes[channel]))
-            proto.send(encode_command("SUBSCRIBE", *batch))
+            # One SUBSCRIBE per channel, in one write: each gets exactly one reply,
+            # its ack or its error (a SUBSCRIBE of many channels that is refused, by
+            # an ACL say, gets one error for all of them, and the replies expected
+            # after it would be matched to the wrong requests).
+            proto.send(b"".join([encode_command("SUBSCRIBE", c) for c in batch]))
             # Redis answers in order: the PING's reply means the batch is acknowledged.
             done = asyncio.get_running_loop().create_future()
             self._expected.append(("reply", done))
