@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from wsproxy.metrics import Metrics
+from wsproxy.metrics import Metrics, SharedSlots
 
 # SPEC.md, "Metrics": family name -> (type, label names of its samples).
 SPEC_METRICS: dict[str, tuple[str, frozenset[str]]] = {
@@ -129,6 +129,21 @@ def test_gauges_read_live_values() -> None:
     assert samples(metrics, "wsproxy_active_connections") == {(): 5}
     assert samples(metrics, "wsproxy_redis_channels_active") == {(): 4}
     assert samples(metrics, "wsproxy_redis_reconnects_total") == {(): 2}
+
+
+def test_reconnects_never_go_back_when_a_worker_restarts() -> None:
+    """A restarted worker writes the slot of the one that died: its own count of Redis
+    reconnections starts at 0, and the counter must not fall."""
+    slots = SharedSlots(2)
+    first = Metrics(slots, 1)
+    first.redis_reconnects = lambda: 3
+    assert samples(first, "wsproxy_redis_reconnects_total") == {(): 3}
+    slots.clear_gauges(1)  # the supervisor saw it die
+    second = Metrics(slots, 1)
+    second.redis_reconnects = lambda: 0
+    assert samples(second, "wsproxy_redis_reconnects_total") == {(): 3}
+    second.redis_reconnects = lambda: 1
+    assert samples(second, "wsproxy_redis_reconnects_total") == {(): 4}
 
 
 def test_empty_histogram() -> None:

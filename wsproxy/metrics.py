@@ -111,6 +111,9 @@ class Metrics:
         self.slots = slots or SharedSlots(1)
         self.worker = worker
         self.slots.set(worker, "pid", os.getpid())
+        # A restarted worker's slot keeps what the process before it counted: the
+        # counters it adds to, and reconnections, which it sets from its own count.
+        self._reconnects_before = self.slots.get(worker, "redis_reconnects")
         # Live values read when the slot is refreshed (set by the server).
         self.channels_active: Callable[[], int] = lambda: 0
         self.redis_reconnects: Callable[[], int] = lambda: 0
@@ -137,7 +140,8 @@ class Metrics:
     def refresh(self) -> None:
         """Copy the live gauges of this worker into its slot."""
         self.slots.set(self.worker, "channels_active", self.channels_active())
-        self.slots.set(self.worker, "redis_reconnects", self.redis_reconnects())
+        self.slots.set(self.worker, "redis_reconnects",
+                       self._reconnects_before + self.redis_reconnects())
 
     def connection_result(self, status: int) -> None:
         """Count one handshake's outcome by HTTP status (101 = accepted)."""
