@@ -383,3 +383,71 @@ def test_the_layout_functions_refuse_anything_but_a_picows_protocol():
     with pytest.raises(TypeError):
         accept_upgrade([], TransportForPicows.__new__(TransportForPicows), WSListener(),
                        RFC_KEY, None, None)
+
+
+def _frame_zero_mask(payload: bytes) -> bytes:
+    """A client text frame of any size, masked with the zero key (so sent as is)."""
+    n = len(payload)
+    if n < 126:
+        head = bytes([0x81, 0x80 | n])
+    elif n < 65536:
+        head = bytes([0x81, 0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        head = bytes([0x81, 0x80 | 127]) + n.to_bytes(8, "big")
+    return head + b"\x00\x00\x00\x00" + payload
+
+
+def test_read_buffer_goes_back_to_its_initial_size_between_frames(monkeypatch):
+    """picows grows a socket's read buffer to fit a frame and never shrinks it; the
+    listener gives it back between frames, never while part of a frame waits in it."""
+    import uvloop
+
+    from wsproxy import http
+    from wsproxy._fastpath import (
+        READ_BUFFER_INIT,
+        SessionListener,
+        Upstream,
+        picows_read_buffer_capacity,
+    )
+
+    from .conftest import NullEvents
+
+    class Recorder(SessionListener):
+        def on_ws_frame(self, transport, frame):
+            self.got.append(frame.get_payload_as_bytes())
+            SessionListener.on_ws_frame(self, transport, frame)
+
+    monkeypatch.setattr(http, "_fast_upgrade", None)
+    big1 = b'"' + b"a" * 900_000 + b'"'
+    big2 = b'"' + b"b" * 900_000 + b'"'
+    second = _frame_zero_mask(big2)
+
+    async def main():
+        listener = Recorder(Upstream(), b"session:s:up", 1, "s", "a", NullEvents())
+        listener.got = []
+        server, client, transport, upgraded = await _hand_over_accepted(listener, b"")
+        assert upgraded is True
+        proto = transport.get_protocol()
+        capacities = [picows_read_buffer_capacity(proto)]
+        # The first frame whole and half the second: the buffer must keep that half.
+        client.sendall(_frame_zero_mask(big1) + second[:len(second) // 2])
+        await _wait_for(lambda: len(listener.got) == 1)
+        await asyncio.sleep(0.05)
+        capacities.append(picows_read_buffer_capacity(proto))
+        client.sendall(second[len(second) // 2:])
+        await _wait_for(lambda: len(listener.got) == 2)
+        await asyncio.sleep(0.05)
+        capacities.append(picows_read_buffer_capacity(proto))
+        client.sendall(_frame_zero_mask(b'{"after":1}'))
+        await _wait_for(lambda: len(listener.got) == 3)
+        client.close()
+        await _wait_for(lambda: not listener.connected)
+        server.close()
+        await server.wait_closed()
+        return capacities, listener.got
+
+    capacities, got = uvloop.run(main())
+    assert capacities[0] == READ_BUFFER_INIT
+    assert capacities[1] > 450_000  # half a frame waits in it
+    assert capacities[2] == READ_BUFFER_INIT
+    assert got == [big1, big2, b'{"after":1}']

@@ -7,6 +7,7 @@ import json
 import random
 import time
 
+import psutil
 import pytest
 import websockets
 from websockets.frames import CloseCode
@@ -288,6 +289,48 @@ def test_message_too_large(make_proxy, redis_server, session):
     assert e1 == e2 == '{"error":"Message too large","max_size":1000}'
     assert up.take(1) == [exact.encode()]
     assert up.nothing_more()
+
+
+def test_large_frames_do_not_stay_with_their_sockets(proxy, redis_server, session_id):
+    """picows grows a socket's read buffer until a frame fits: after one 8 MiB frame
+    (under the frame limit, over the message limit) the socket must not keep those
+    megabytes while it stays open, and it must still read small and large frames."""
+    sids = [f"{session_id}-{i}" for i in range(16)]
+    pipe = redis_server.client().pipeline(transaction=False)
+    for sid in sids:
+        pipe.set(f"session:{sid}:auth", "tok")
+    pipe.execute()
+    up = UpListener(redis_server, sids[0])
+    big = '"' + "a" * (8 * 1024 * 1024) + '"'
+    too_large = '{"error":"Message too large","max_size":1048576}'
+    proc = psutil.Process(proxy.proc.pid)
+
+    async def main():
+        sockets = [await connect(proxy, sid) for sid in sids]
+        await asyncio.sleep(0.2)
+        before = proc.memory_info().rss
+        replies = []
+        for ws in sockets:
+            await ws.send(big)
+            replies.append(await asyncio.wait_for(ws.recv(), 10))
+        await asyncio.sleep(0.2)
+        after = proc.memory_info().rss
+        first = sockets[0]
+        await first.send('{"small":1}')
+        await first.send(big)
+        replies.append(await asyncio.wait_for(first.recv(), 10))
+        await first.send('{"small":2}')
+        await asyncio.sleep(0.1)
+        for ws in sockets:
+            await ws.close()
+        return before, after, replies
+
+    before, after, replies = asyncio.run(main())
+    assert replies == [too_large] * (len(sids) + 1)
+    assert up.take(2) == [b'{"small":1}', b'{"small":2}']
+    # 16 x 8 MiB went through; without giving the buffers back the growth is 128 MiB
+    # or more.
+    assert after - before < 32 * 1024 * 1024, f"RSS grew {(after - before) >> 20} MiB"
 
 
 def test_frame_over_hard_limit_closes_with_1009(make_proxy, redis_server, session):

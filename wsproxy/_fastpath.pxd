@@ -129,6 +129,8 @@ cdef class SessionListener(WSListener):
     cdef public object events
     cdef public object close_code
     cdef public object close_reason
+    cdef PyObject* picows_proto  # borrowed, while connected through accept_upgrade
+    cdef bint trim_scheduled
 
     cdef int send_down(self, WSMsgType msg_type, const char* data, Py_ssize_t size) except -1
     cdef int _on_message(self, const char* data, Py_ssize_t size) except -1

@@ -16,6 +16,7 @@ Nothing here awaits; everything that is not per message lives in plain Python.
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
+from cpython.mem cimport PyMem_Realloc
 from cpython.object cimport PyCallable_Check
 from cpython.ref cimport Py_INCREF, Py_XDECREF, PyObject
 from libc.stdint cimport uint64_t
@@ -1171,6 +1172,12 @@ cdef class PubSubProtocol(RedisProtocol):
 cdef enum:
     SMALL_FRAME = 2048  # frames up to this size are sent from one stack buffer
     CLOSE_ABORT_SECS = 2  # after our CLOSE, how long the client has to close its side
+    # picows' read buffer: what a socket starts with, and the most it keeps once a
+    # large frame has been read (picows only ever grows it).
+    READ_BUFFER_INIT_BYTES = 4096
+    READ_BUFFER_KEEP_BYTES = 64 * 1024
+
+READ_BUFFER_INIT = READ_BUFFER_INIT_BYTES
 
 
 cdef inline Py_ssize_t _frame_header(unsigned char* out, WSMsgType msg_type,
@@ -1232,6 +1239,8 @@ cdef class SessionListener(WSListener):
         self.events = events
         self.close_code = None
         self.close_reason = None
+        self.picows_proto = NULL
+        self.trim_scheduled = False
 
     # picows callbacks ---------------------------------------------------------
     cpdef on_ws_connected(self, WSTransport transport):
@@ -1268,6 +1277,11 @@ cdef class SessionListener(WSListener):
     cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
         cdef WSMsgType msg_type = frame.msg_type
         self.last_activity = g_now
+        if (self.picows_proto != NULL and not self.trim_scheduled
+                and _read_buffer_capacity(self.picows_proto) > READ_BUFFER_KEEP_BYTES):
+            # Once picows is done with this read (the frame points into the buffer).
+            self.trim_scheduled = True
+            transport._loop.call_soon(self._trim_read_buffer)
         if msg_type == WSMsgType.TEXT or msg_type == WSMsgType.BINARY:
             if self.in_fragmented:
                 self._protocol_error("new message before the previous one finished")
@@ -1305,6 +1319,7 @@ cdef class SessionListener(WSListener):
 
     cpdef on_ws_disconnected(self, WSTransport transport):
         self.connected = False
+        self.picows_proto = NULL  # it may be freed from now on
         self._note_picows_close()
         self.events.disconnected(self)
 
@@ -1502,6 +1517,11 @@ cdef class SessionListener(WSListener):
         if self.transport is not None and not self.transport.is_disconnected:
             self.transport.disconnect(False)
 
+    def _trim_read_buffer(self):
+        self.trim_scheduled = False
+        if self.picows_proto != NULL:
+            _trim_read_buffer(self.picows_proto)
+
     @property
     def write_buffer_size(self) -> int:
         """Bytes this socket has queued and not yet written."""
@@ -1690,6 +1710,36 @@ def picows_parser_state(object proto) -> int:
     return (<wsp_picows_protocol*><PyObject*>proto).state
 
 
+cdef inline Py_ssize_t _read_buffer_capacity(PyObject* proto) noexcept:
+    return (<MemoryBuffer>(<wsp_picows_protocol*>proto).read_buffer).capacity
+
+
+cdef int _trim_read_buffer(PyObject* proto) except -1:
+    # picows doubles its read buffer until a frame fits, and never gives it back: one
+    # frame of 8 MiB (refused as too large or not) would keep 8 to 16 MiB with its
+    # socket for good. Between frames, with no partial frame buffered, the buffer goes
+    # back to its initial size, laid out as picows' own constructor lays it out.
+    cdef wsp_picows_protocol* p = <wsp_picows_protocol*>proto
+    cdef MemoryBuffer buf = <MemoryBuffer>p.read_buffer
+    cdef char* data
+    if (p.state != PICOWS_READ_HEADER or p.f_new_data_start_pos != 0
+            or buf.capacity <= READ_BUFFER_KEEP_BYTES):
+        return 0  # in the middle of a frame: a later one will trim
+    data = <char*>PyMem_Realloc(buf.data, READ_BUFFER_INIT_BYTES)
+    if data == NULL:
+        return 0  # keep the large one
+    buf.data = data
+    buf.capacity = READ_BUFFER_INIT_BYTES
+    buf.size = READ_BUFFER_INIT_BYTES - 256  # picows leaves 256 bytes for its SIMD reads
+    return 0
+
+
+def picows_read_buffer_capacity(object proto) -> int:
+    """The capacity of a WSProtocol's read buffer; for tests."""
+    _check_protocol(proto)
+    return _read_buffer_capacity(<PyObject*>proto)
+
+
 def accept_upgrade(object proto, TransportForPicows transport not None,
                    WSListener listener not None, bytes ws_key not None,
                    object logger, object loop):
@@ -1717,6 +1767,10 @@ def accept_upgrade(object proto, TransportForPicows transport not None,
     _set_slot(&p.listener_factory, None)
     _set_slot(&p.listener, listener)
     ws.listener_proxy = weakref.proxy(listener)
+    if isinstance(listener, SessionListener):
+        # Borrowed: the protocol outlives the connection, which ends with
+        # on_ws_disconnected, where the listener lets go of it.
+        (<SessionListener>listener).picows_proto = <PyObject*>proto
     p.state = PICOWS_READ_HEADER
     accept = b2a_base64(sha1(ws_key + WS_GUID).digest(), newline=False)
     transport.write(RESPONSE_101 + accept + b"\r\n\r\n")

@@ -28,6 +28,7 @@ from picows import WSAutoPingStrategy
 from picows.picows import WSProtocol  # type: ignore[attr-defined]  # internal API, see above
 
 from ._fastpath import (
+    READ_BUFFER_INIT,
     HeadError,
     Route,
     SessionListener,
@@ -51,9 +52,6 @@ MAX_HEADERS = 128
 # An adapter, not a Logger: picows builds a child Logger per connection from a Logger
 # (memory and time per socket), but uses an adapter as it is.
 _PICOWS_LOGGER = logging.LoggerAdapter(logging.getLogger("picows.server"), {})
-# picows' read buffer starts at this size and grows for larger frames; a small start
-# keeps idle sockets cheap.
-_READ_BUFFER_INIT = 4096
 # What picows is given to negotiate: the gate has checked the client's own head.
 _REPLAY_HEAD = (b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                 b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: ")
@@ -587,7 +585,7 @@ def _picows_protocol(listener_factory: Any, max_frame_size: int, idle: float = 2
         False,                # auto-pong off: the listener answers and counts pings
         max_frame_size,
         None,                 # extra_headers
-        _READ_BUFFER_INIT,
+        READ_BUFFER_INIT,     # small, so idle sockets are cheap (grows for large frames)
     )
 
 
