@@ -499,6 +499,38 @@ def test_shutdown_close_spread(make_proxy, redis_server, session_id):
     assert p.proc.wait(10) == 0
 
 
+def test_socket_whose_channel_redis_refuses_after_a_reconnect_is_closed(make_redis, make_proxy,
+                                                                         session_id):
+    """An ACL change takes a session's channel from wsproxy's Redis user: Redis drops
+    the pub/sub connection, and on re-subscription refuses that channel. Its socket
+    would receive nothing: it is closed with 1011, the others go on."""
+    server = make_redis()
+    admin = server.client()
+    admin.execute_command("ACL", "SETUSER", "proxy", "on", ">pw", "~*", "&*", "+@all")
+    keep, drop = f"keep-{session_id}", f"drop-{session_id}"
+    set_tokens(server, [keep, drop])
+    p = make_proxy(server.url.replace("redis://", "redis://proxy:pw@"))
+
+    async def main():
+        kept, dropped = await connect(p, keep), await connect(p, drop)
+        admin.execute_command("ACL", "SETUSER", "proxy", "resetchannels", "&session:keep-*")
+        codes = await close_codes([dropped], timeout=10)
+        # The kept socket's channel is subscribed again.
+        await asyncio.get_running_loop().run_in_executor(
+            None, wait_for, lambda: numsub_all(server, [keep]) == [1], 5, "re-subscribed")
+        admin.publish(f"session:{keep}:down", '"still here"')
+        message = await asyncio.wait_for(kept.recv(), 5)
+        await kept.close()
+        return codes, message
+
+    codes, message = asyncio.run(main())
+    assert codes == [1011]
+    assert message == '"still here"'
+    assert '"event":"redis_subscribe_refused"' in p.log()
+    assert p.get("/health")[0] == 200
+    assert p.proc.poll() is None
+
+
 def test_resubscription_in_batches_survives_sockets_leaving(make_redis, make_proxy, session_id):
     """More channels than one batch; sockets close while Redis comes back: every channel
     still open ends up subscribed, every closed one does not."""

@@ -128,12 +128,25 @@ class PubSub(ReconnectingLink):
             route: Route = target
             if isinstance(reply, Exception):
                 _notify(route, RedisUnavailable(f"SUBSCRIBE failed: {reply}"))
+                self._refused(route, reply)
                 return
             # The ack may be for a route that was dropped meanwhile: harmless.
             route.subscribed = True
             _notify(route, None)
         elif kind == "reply" and target is not None and not target.done():
             target.set_result(reply)
+
+    @staticmethod
+    def _refused(route: Route, reply: Exception) -> None:
+        """Redis refused a channel's SUBSCRIBE (an ACL, say). A socket still in its
+        handshake is answered 503 by its gate; open sockets of the channel, which were
+        subscribed before a reconnection, would silently receive nothing: they are
+        closed, and their clients may reconnect."""
+        open_sockets = [listener for listener in route.listeners if listener.connected]
+        log_event(logging.WARNING, "redis_subscribe_refused", channel=route.channel.decode(
+            "utf-8", "replace"), error=str(reply)[:200], closing=len(open_sockets))
+        for listener in open_sockets:
+            listener.close(1011, "subscription refused by Redis")
 
     # subscriptions ------------------------------------------------------------
     def attach(self, channel: bytes, listener: SessionListener) -> Route:
