@@ -368,16 +368,24 @@ def test_max_connections_gives_503_before_redis_work(make_proxy, redis_server, s
         b = await websockets.connect(ws_url(p, f"{session_id}-1"), additional_headers=bearer("tok"))
         third = await status_of(ws_url(p, f"{session_id}-2"), bearer("tok"))
         ttl_after_third = r.ttl(f"session:{session_id}-2:auth")
+        full = p.get("/ready"), p.get("/health")[0]
         await a.close()
         await asyncio.sleep(0.2)
+        ready_again = p.get("/ready")
         fourth = await status_of(ws_url(p, f"{session_id}-2"), bearer("tok"))
         await b.close()
-        return third[0], ttl_after_third, fourth[0]
+        return third[0], ttl_after_third, fourth[0], full, ready_again
 
-    third, ttl_after_third, fourth = asyncio.run(main())
+    third, ttl_after_third, fourth, full, ready_again = asyncio.run(main())
     assert third == 503
     assert ttl_after_third == -1  # refused before the GET and EXPIRE
     assert fourth == 101  # a slot freed by a close is usable again
+    # A full instance is not ready (a load balancer sends new clients elsewhere), but
+    # healthy.
+    (ready_status, ready_body), health_status = full
+    assert (ready_status, json.loads(ready_body)) == (503, {"status": "at capacity"})
+    assert health_status == 200
+    assert ready_again[0] == 200
 
 
 def test_control_character_in_a_header_is_400_before_redis_work(proxy, redis_server,

@@ -104,13 +104,26 @@ class Server:
         return (200 if ok else 503), orjson.dumps(body)
 
     def readiness(self) -> tuple[int, bytes]:
-        """``/ready``: 200 while accepting sockets; 503 while draining or Redis is down."""
+        """``/ready``: 200 while accepting sockets; 503 while draining, while Redis is
+        down, or at MAX_CONNECTIONS."""
         ok, draining, _ = self._instance_state()
         if draining:
             return 503, orjson.dumps({"status": "draining"})
         if not ok:
             return 503, orjson.dumps({"status": "redis unavailable"})
+        if self._full():
+            return 503, orjson.dumps({"status": "at capacity"})
         return 200, orjson.dumps({"status": "ready"})
+
+    def _full(self) -> bool:
+        """Every live worker holds MAX_CONNECTIONS sockets: a new one would get 503.
+        (This one counts its handshakes too; the others' slots hold open sockets.)"""
+        limit = self.config.max_connections
+        if self.connections.count < limit:
+            return False
+        slots = self.metrics.slots
+        return all(slots.get(w, "active_connections") >= limit
+                   for w in slots.live_workers() if w != self.metrics.worker)
 
     def _links_changed(self) -> None:
         # A link that just came up has answered AUTH/PING; one that went down is down.
