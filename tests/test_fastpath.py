@@ -145,3 +145,10 @@ def test_heartbeat_sweep_sends_at_most_its_ping_budget_and_the_rest_follow():
     assert frames == [b"\x89\x00"] * 5  # one PING each, no more
     assert everyone == [True] * 4 + [False]
     assert closed == 1
+
+
+def test_a_socket_listener_stays_in_its_size_class():
+    """Every open socket has one SessionListener: 176 bytes is a pymalloc size class,
+    and send_down's fields, first in the object, share its first cache lines."""
+    from wsproxy._fastpath import SessionListener
+    assert SessionListener.__basicsize__ <= 176

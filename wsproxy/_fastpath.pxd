@@ -107,20 +107,24 @@ cdef class PubSubProtocol(RedisProtocol):
 
 
 cdef class SessionListener(WSListener):
+    # What send_down reads comes first: with the object head, one or two cache lines
+    # (PubSubProtocol.prepare prefetches them). Flags only Cython code reads are
+    # single bytes: the object stays in the 176-byte size class.
     cdef WSTransport transport
+    cdef int fd
+    cdef public bint too_slow
+    cdef public bint closing
+    cdef bint backlogged
     cdef Upstream upstream
     cdef bytes up_prefix
     cdef list pending
     cdef Py_ssize_t pending_bytes
     cdef bytearray fragments
-    cdef bint in_fragmented
-    cdef bint fragmented_binary
-    cdef bint fragmented_oversize
-    cdef public bint too_slow
-    cdef bint backlogged
-    cdef int fd
-    cdef public bint closing
     cdef public bint connected
+    cdef unsigned char in_fragmented
+    cdef unsigned char fragmented_binary
+    cdef unsigned char fragmented_oversize
+    cdef unsigned char trim_scheduled
     cdef public double last_activity
     cdef public double last_ping
     cdef public object conn_id
@@ -130,7 +134,6 @@ cdef class SessionListener(WSListener):
     cdef public object close_code
     cdef public object close_reason
     cdef PyObject* picows_proto  # borrowed, while connected through accept_upgrade
-    cdef bint trim_scheduled
 
     cdef int send_down(self, WSMsgType msg_type, const char* data, Py_ssize_t size) except -1
     cdef int _on_message(self, const char* data, Py_ssize_t size) except -1

@@ -1142,10 +1142,9 @@ cdef class PubSubProtocol(RedisProtocol):
             if objects[i] != NULL:
                 obj = <PyObject*>(<Route>objects[i]).single
                 objects[i] = NULL if obj == <PyObject*>None else obj
-                if objects[i] != NULL:  # refcount, transport ... closing
+                if objects[i] != NULL:  # refcount, transport ... backlogged
                     __builtin_prefetch(objects[i])
-                    __builtin_prefetch(<char*>objects[i] + 64)
-                    __builtin_prefetch(<char*>objects[i] + 108)
+                    __builtin_prefetch(<char*>objects[i] + 44)
         for i in range(count):  # listener -> its transport's is_close_frame_sent etc.
             if objects[i] != NULL:
                 obj = <PyObject*>(<SessionListener>objects[i]).transport
