@@ -148,7 +148,8 @@ def test_heartbeat_sweep_sends_at_most_its_ping_budget_and_the_rest_follow():
 
 
 def test_a_socket_listener_stays_in_its_size_class():
-    """Every open socket has one SessionListener: 176 bytes is a pymalloc size class,
-    and send_down's fields, first in the object, share its first cache lines."""
+    """Every open socket has one SessionListener: at 176 bytes (192 with the GC
+    header, a multiple of 64) each starts on a cache line, and send_down's fields,
+    first in the object, share that line."""
     from wsproxy._fastpath import SessionListener
     assert SessionListener.__basicsize__ <= 176

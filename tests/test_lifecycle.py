@@ -227,6 +227,35 @@ def test_client_that_closes_and_stops_reading_is_dropped(make_proxy, redis_serve
     assert json.loads(p.get("/health")[1])["connections"] == 0
 
 
+def test_client_that_stops_reading_after_picows_closed_1009_is_dropped(make_proxy, redis_server,
+                                                                       session_id):
+    """picows answers an oversized frame with CLOSE 1009 by itself, then only waits for
+    its write buffer to drain: a client that does not read is dropped once it has been
+    silent for the ping interval (plus the close timeout), not at the ping timeout."""
+    p = make_proxy(redis_server.url, MAX_MESSAGE_SIZE_BYTES=1000, MAX_FRAME_SIZE_BYTES=10_000,
+                   MAX_BUFFER_SIZE_BYTES=32 * 1024 * 1024, WS_PING_INTERVAL_SECS=0.5,
+                   WS_PING_TIMEOUT_SECS=30)
+    set_tokens(redis_server, [session_id])
+    raw = RawWebSocket(p.port, f"/agent1/ws/{session_id}", "tok", rcvbuf=4096)
+    r = redis_server.client()
+    for _ in range(8):  # 8 MB the client never reads: the CLOSE waits behind them
+        pipe = r.pipeline(transaction=False)
+        for _ in range(1000):
+            pipe.publish(f"session:{session_id}:down", '"' + "x" * 1000 + '"')
+        pipe.execute()
+    time.sleep(0.3)
+    raw.send_frame(TEXT, b'"' + b"a" * 20_000 + b'"')
+    sent_at = time.monotonic()
+    wait_for(lambda: numsub_all(redis_server, [session_id]) == [0], 8, "unsubscribed")
+    dropped_after = time.monotonic() - sent_at
+    raw.close()
+    assert dropped_after < 5
+    wait_for(lambda: '"event":"connection_close"' in p.log(), 5, "connection_close logged")
+    closes = [json.loads(line) for line in p.log().splitlines()
+              if '"event":"connection_close"' in line]
+    assert [c["code"] for c in closes] == [1009]
+
+
 def test_oversized_frame_close_is_logged_with_1009(make_proxy, redis_server, session_id):
     """picows sends the 1009 itself: the log says so, not 1006 'connection lost'."""
     p = make_proxy(redis_server.url, MAX_MESSAGE_SIZE_BYTES=1000, MAX_FRAME_SIZE_BYTES=10_000)

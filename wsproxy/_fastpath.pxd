@@ -107,9 +107,11 @@ cdef class PubSubProtocol(RedisProtocol):
 
 
 cdef class SessionListener(WSListener):
-    # What send_down reads comes first: with the object head, one or two cache lines
-    # (PubSubProtocol.prepare prefetches them). Flags only Cython code reads are
-    # single bytes: the object stays in the 176-byte size class.
+    # What send_down reads comes first, within the first 56 bytes (WSListener's part
+    # ends at 32). The object is 176 bytes, 192 with its GC header, a multiple of 64:
+    # pymalloc puts every listener at the start of a cache line, and those fields on
+    # one line (PubSubProtocol.prepare prefetches it). Flags only Cython code reads are
+    # single bytes, to stay at 176.
     cdef WSTransport transport
     cdef int fd
     cdef public bint too_slow

@@ -1142,9 +1142,9 @@ cdef class PubSubProtocol(RedisProtocol):
             if objects[i] != NULL:
                 obj = <PyObject*>(<Route>objects[i]).single
                 objects[i] = NULL if obj == <PyObject*>None else obj
-                if objects[i] != NULL:  # refcount, transport ... backlogged
+                if objects[i] != NULL:  # refcount, transport ... backlogged (52)
                     __builtin_prefetch(objects[i])
-                    __builtin_prefetch(<char*>objects[i] + 44)
+                    __builtin_prefetch(<char*>objects[i] + 52)
         for i in range(count):  # listener -> its transport's is_close_frame_sent etc.
             if objects[i] != NULL:
                 obj = <PyObject*>(<SessionListener>objects[i]).transport
@@ -1449,10 +1449,8 @@ cdef class SessionListener(WSListener):
         else:
             memcpy(out, data + (sent - header_size),
                    header_size + size - sent)
-        underlying = self.transport.underlying_transport
-        underlying.write(frame)
-        if underlying.get_write_buffer_size() > g_max_buffer:
-            self._too_slow()
+        self.transport.underlying_transport.write(frame)
+        self._check_backlog()
         return 0
 
     cdef _too_slow(self):
@@ -1472,10 +1470,9 @@ cdef class SessionListener(WSListener):
             self.close_code = code if code != 0 else 1005
             self.close_reason = "client closed"
         self.closing = True
-        # A CLOSE already sent (ours, or picows') is what the client answers: no
-        # second one goes back.
-        if not self.transport.is_close_frame_sent:
-            self.transport.send_close(<WSCloseCode>_safe_close_code(code))
+        # (After a CLOSE of ours or picows', picows sends nothing more: this one is
+        # only sent to a client that closed first.)
+        self.transport.send_close(<WSCloseCode>_safe_close_code(code))
         self.transport.disconnect()
         if not answering:
             # disconnect() waits for the transport to flush: a client that stops
@@ -1497,8 +1494,7 @@ cdef class SessionListener(WSListener):
         if self.close_code is None:
             self.close_code = code
             self.close_reason = reason
-        if not self.transport.is_close_frame_sent:  # picows may have sent one itself
-            self.transport.send_close(<WSCloseCode>code, reason.encode())
+        self.transport.send_close(<WSCloseCode>code, reason.encode())  # (once: see above)
         self.transport._loop.call_later(abort_after, self._abort_if_open)
 
     cdef _note_picows_close(self):
@@ -1550,8 +1546,14 @@ def heartbeat_sweep(listeners, double now, double interval, double timeout,
             STATS.c[C_PING_TIMEOUTS] += 1
             listener.close(1011, "ping timeout")
             closed += 1
-        elif (idle >= interval and now - listener.last_ping >= interval and max_pings != 0
-                and not listener.transport.is_close_frame_sent):  # nothing after a CLOSE
+        elif idle >= interval and listener.transport.is_close_frame_sent:
+            # picows sent a CLOSE by itself (a frame it could not parse, or one over
+            # the frame limit) and then only waits for its write buffer to drain: a
+            # client that does not read would keep the connection. close() sends
+            # nothing more and drops it if the client has not closed within the abort
+            # time.
+            listener.close(1000, "")
+        elif idle >= interval and now - listener.last_ping >= interval and max_pings != 0:
             listener.last_ping = now
             listener.transport.send_ping()
             max_pings -= 1
@@ -1766,14 +1768,15 @@ def accept_upgrade(object proto, TransportForPicows transport not None,
     _set_slot(&p.listener_factory, None)
     _set_slot(&p.listener, listener)
     ws.listener_proxy = weakref.proxy(listener)
-    if isinstance(listener, SessionListener):
-        # Borrowed: the protocol outlives the connection, which ends with
-        # on_ws_disconnected, where the listener lets go of it.
-        (<SessionListener>listener).picows_proto = <PyObject*>proto
     p.state = PICOWS_READ_HEADER
     accept = b2a_base64(sha1(ws_key + WS_GUID).digest(), newline=False)
     transport.write(RESPONSE_101 + accept + b"\r\n\r\n")
     (<object>p.handshake_complete_future).set_result(None)
+    if isinstance(listener, SessionListener):
+        # Borrowed, from here on (a failure above hands the connection back to the
+        # gate, and the protocol goes): the protocol outlives the connection, which
+        # ends with on_ws_disconnected, where the listener lets go of it.
+        (<SessionListener>listener).picows_proto = <PyObject*>proto
     # picows' _invoke_on_ws_connected: an exception closes the connection with 1011.
     try:
         listener.on_ws_connected(ws)
