@@ -549,11 +549,17 @@ def test_socket_whose_channel_redis_refuses_after_a_reconnect_is_closed(make_red
             None, wait_for, lambda: numsub_all(server, [keep]) == [1], 5, "re-subscribed")
         admin.publish(f"session:{keep}:down", '"still here"')
         message = await asyncio.wait_for(kept.recv(), 5)
+        # The client of the refused channel comes back at once: its own SUBSCRIBE is
+        # refused too, and says so (not a wait for the handshake timeout).
+        started = time.monotonic()
+        again = await handshake_status(p, drop)
+        again_after = time.monotonic() - started
         await kept.close()
-        return codes, message
+        return codes, message, again, again_after
 
-    codes, message = asyncio.run(main())
+    codes, message, again, again_after = asyncio.run(main())
     assert codes == [1011]
+    assert again == 503 and again_after < 2
     assert message == '"still here"'
     assert '"event":"redis_subscribe_refused"' in p.log()
     assert p.get("/health")[0] == 200

@@ -136,12 +136,15 @@ class PubSub(ReconnectingLink):
         elif kind == "reply" and target is not None and not target.done():
             target.set_result(reply)
 
-    @staticmethod
-    def _refused(route: Route, reply: Exception) -> None:
+    def _refused(self, route: Route, reply: Exception) -> None:
         """Redis refused a channel's SUBSCRIBE (an ACL, say). A socket still in its
         handshake is answered 503 by its gate; open sockets of the channel, which were
         subscribed before a reconnection, would silently receive nothing: they are
-        closed, and their clients may reconnect."""
+        closed, and their clients may reconnect. The route goes now (its sockets'
+        detach finds nothing to do), so the next socket of the channel sends its own
+        SUBSCRIBE instead of waiting on this one."""
+        if self.routes.get(route.channel) is route:
+            del self.routes[route.channel]
         open_sockets = [listener for listener in route.listeners if listener.connected]
         log_event(logging.WARNING, "redis_subscribe_refused", channel=route.channel.decode(
             "utf-8", "replace"), error=str(reply)[:200], closing=len(open_sockets))
