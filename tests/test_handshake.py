@@ -137,6 +137,14 @@ def test_head_gets_the_head_of_get_without_a_body(proxy, path):
         assert head_head == get_head
 
 
+@pytest.mark.parametrize("path,status", [("/nope", 404), ("/agent1/ws/s1", 405)])
+def test_head_elsewhere_gets_its_status_without_a_body(proxy, path, status):
+    answer = raw_request(proxy.port, f"HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status} ".encode())
+    assert body == b""
+
+
 def test_other_methods_on_health_are_405_naming_get_and_head(proxy):
     answer = raw_request(proxy.port, b"POST /health HTTP/1.1\r\nHost: x\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 405 ")

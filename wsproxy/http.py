@@ -358,8 +358,8 @@ class Gate(asyncio.Protocol):
             self._finish(exc.status, error_body(str(exc)))
             return
         path = request.path
+        head_only = request.method == "HEAD"  # any answer to HEAD goes without its body
         if path in ("/health", "/ready", "/metrics"):
-            head_only = request.method == "HEAD"
             if request.method != "GET" and not head_only:
                 self._finish(405, error_body("method not allowed"),
                              extra_headers=(("Allow", "GET, HEAD"),))
@@ -375,10 +375,11 @@ class Gate(asyncio.Protocol):
             return
         match = _WS_PATH.fullmatch(path)
         if match is None:
-            self._finish(404, error_body("not found"))
+            self._finish(404, error_body("not found"), head_only=head_only)
             return
         if request.method != "GET":
-            self._finish(405, error_body("method not allowed"), extra_headers=(("Allow", "GET"),))
+            self._finish(405, error_body("method not allowed"), extra_headers=(("Allow", "GET"),),
+                         head_only=head_only)
             return
         agent_id, session_id = match.groups()
         if not _ID.fullmatch(agent_id) or not _ID.fullmatch(session_id):
