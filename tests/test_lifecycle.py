@@ -528,6 +528,26 @@ def test_shutdown_close_spread(make_proxy, redis_server, session_id):
     assert p.proc.wait(10) == 0
 
 
+def test_second_signal_during_a_spread_close_closes_the_rest_at_once(make_proxy, redis_server,
+                                                                     session_id):
+    p = make_proxy(redis_server.url, SHUTDOWN_GRACE_PERIOD_SECS=0, SHUTDOWN_CLOSE_SPREAD_SECS=20)
+    sids = [f"{session_id}-{i}" for i in range(20)]
+    set_tokens(redis_server, sids)
+
+    async def main():
+        sockets = [await connect(p, sid) for sid in sids]
+        p.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(1.5)  # about one socket a second is being closed
+        p.proc.send_signal(signal.SIGINT)
+        hurried = time.monotonic()
+        return await close_codes(sockets, timeout=10), time.monotonic() - hurried
+
+    codes, elapsed = asyncio.run(main())
+    assert codes == [1001] * 20
+    assert elapsed < 3  # not the 18 s left of the spread
+    assert p.proc.wait(10) == 0
+
+
 def test_socket_whose_channel_redis_refuses_after_a_reconnect_is_closed(make_redis, make_proxy,
                                                                          session_id):
     """An ACL change takes a session's channel from wsproxy's Redis user: Redis drops

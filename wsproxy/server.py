@@ -214,7 +214,8 @@ class Server:
         if self._server is not None:
             self._server.close()
         spread = self.config.shutdown_close_spread_secs if self._signals < 2 else 0.0
-        await self.connections.close_all(1001, "server shutting down", spread)
+        await self.connections.close_all(1001, "server shutting down", spread,
+                                          hurry=lambda: self._signals > 1)
         # Give clients a moment to answer the CLOSE; close() aborts stragglers after 1 s.
         deadline = time.monotonic() + 1.5
         while self.connections.open and time.monotonic() < deadline:

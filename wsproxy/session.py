@@ -12,6 +12,7 @@ import itertools
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import _fastpath
@@ -144,13 +145,15 @@ class ConnectionTable:
                 log_event(logging.INFO, "heartbeat_timeouts", closed=closed)
 
     # shutdown -------------------------------------------------------------------
-    async def close_all(self, code: int, reason: str, spread_secs: float = 0.0) -> None:
-        """Close every open socket with ``code``, spread over ``spread_secs``."""
+    async def close_all(self, code: int, reason: str, spread_secs: float = 0.0,
+                        hurry: Callable[[], bool] = lambda: False) -> None:
+        """Close every open socket with ``code``, spread over ``spread_secs``; once
+        ``hurry()`` is true (a second signal), the rest at once."""
         listeners = list(self.open)
         if not listeners:
             return
         delay = spread_secs / len(listeners) if spread_secs > 0 else 0.0
         for i, listener in enumerate(listeners):
             listener.close(code, reason, 1.0)
-            if delay and i + 1 < len(listeners):
+            if delay and i + 1 < len(listeners) and not hurry():
                 await asyncio.sleep(delay)
