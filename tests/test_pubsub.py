@@ -175,3 +175,42 @@ def test_refused_channels_do_not_disturb_the_rest_of_a_resubscription(redis_serv
     assert state == {**{ch: True for ch in ok}, **{ch: "gone" for ch in refused}}
     assert [counts[ch] for ch in ok] == [1] * len(ok)
     assert [counts[ch] for ch in refused] == [0] * len(refused)
+
+
+def test_commands_of_consecutive_loop_iterations_share_one_write(redis_server):
+    """A protocol's writes go out one loop iteration after the first command queued:
+    commands queued in the next iteration (the next client frame of a burst) go in
+    the same write, so Redis reads them once."""
+    from wsproxy.redis.commands import CommandClient
+
+    admin = redis_server.client()
+
+    def reads() -> int:
+        return int(admin.info("stats")["total_reads_processed"])
+
+    async def main():
+        client = CommandClient(parse_redis_url(redis_server.url))
+        client.start()
+        await asyncio.wait_for(client.ready.wait(), 5)
+        loop = asyncio.get_running_loop()
+        try:
+            counts = []
+            for spread in (1, 3):  # iterations between the first and the last command
+                before = await loop.run_in_executor(None, reads)
+                replies = []
+                for i in range(spread + 1):
+                    if i:
+                        await asyncio.sleep(0)  # the next loop iteration
+                    reply = loop.create_future()
+                    client.execute_cb(reply.set_result, "PUBLISH", "nobody", str(i))
+                    replies.append(reply)
+                assert await asyncio.gather(*replies) == [0] * (spread + 1)
+                # (the INFO that reads the count is one read too)
+                counts.append(await loop.run_in_executor(None, reads) - before - 1)
+            return counts
+        finally:
+            await client.close()
+
+    one_later, three_later = uvloop.run(main())
+    assert one_later == 1  # both in one write
+    assert three_later == 2  # the first two, then the next two

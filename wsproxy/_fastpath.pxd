@@ -36,6 +36,7 @@ cdef class RedisProtocol:
     cdef bytearray tail
     cdef bytearray out
     cdef bint flush_scheduled
+    cdef bint flush_deferred
     cdef bint write_paused
     cdef object loop
     cdef public object owner

@@ -544,6 +544,7 @@ cdef class RedisProtocol:
         self.tail = None
         self.out = bytearray()
         self.flush_scheduled = False
+        self.flush_deferred = False
         self.write_paused = False
         self.loop = None
         self.connected = False
@@ -638,7 +639,14 @@ cdef class RedisProtocol:
         return 0
 
     def flush(self):
-        """Write everything queued this loop iteration in one call."""
+        """Write everything queued in one call, one loop iteration after the first of
+        it: what arrives in the meantime (the next client frames of a burst, which
+        come a few microseconds apart) goes in the same write."""
+        if not self.flush_deferred:
+            self.flush_deferred = True
+            self.loop.call_soon(self.flush)
+            return
+        self.flush_deferred = False
         self.flush_scheduled = False
         if not self.connected or PyByteArray_GET_SIZE(self.out) == 0:
             return
