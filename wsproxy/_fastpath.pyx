@@ -1502,7 +1502,8 @@ cdef class SessionListener(WSListener):
         if self.close_code is None:
             self.close_code = code
             self.close_reason = reason
-        self.transport.send_close(<WSCloseCode>code, reason.encode())  # (once: see above)
+        # (picows sends nothing after a CLOSE it or we already sent.)
+        self.transport.send_close(<WSCloseCode>code, reason.encode())
         self.transport._loop.call_later(abort_after, self._abort_if_open)
 
     cdef _note_picows_close(self):
