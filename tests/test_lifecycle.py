@@ -50,6 +50,26 @@ def numsub_all(server, sids) -> list[int]:
     return [n for _, n in server.client().pubsub_numsub(*[f"session:{s}:down" for s in sids])]
 
 
+def publish_unread_backlog(server, sid: str) -> None:
+    """8 MB of messages for a socket whose client does not read: more than the kernel
+    buffers hold, so the proxy keeps the rest queued (anything it sends then, a CLOSE
+    say, waits behind them)."""
+    r = server.client()
+    for _ in range(8):
+        pipe = r.pipeline(transaction=False)
+        for _ in range(1000):
+            pipe.publish(f"session:{sid}:down", '"' + "x" * 1000 + '"')
+        pipe.execute()
+    time.sleep(0.3)  # for the proxy to take them from Redis
+
+
+def logged_closes(proxy) -> list[dict]:
+    """The proxy's connection_close log events, once there is one."""
+    wait_for(lambda: '"event":"connection_close"' in proxy.log(), 5, "connection_close logged")
+    return [json.loads(line) for line in proxy.log().splitlines()
+            if '"event":"connection_close"' in line]
+
+
 # --- heartbeat -----------------------------------------------------------------------
 
 def test_client_that_never_answers_pings_is_closed(make_proxy, redis_server, session_id):
@@ -207,22 +227,14 @@ def test_client_that_closes_and_stops_reading_is_dropped(make_proxy, redis_serve
     p = make_proxy(redis_server.url, MAX_BUFFER_SIZE_BYTES=32 * 1024 * 1024)
     set_tokens(redis_server, [session_id])
     raw = RawWebSocket(p.port, f"/agent1/ws/{session_id}", "tok", rcvbuf=4096)
-    r = redis_server.client()
-    for _ in range(8):  # 8 MB: under MAX_BUFFER_SIZE_BYTES, over what the kernel holds
-        pipe = r.pipeline(transaction=False)
-        for _ in range(1000):
-            pipe.publish(f"session:{session_id}:down", '"' + "x" * 1000 + '"')
-        pipe.execute()
-    time.sleep(0.3)
+    publish_unread_backlog(redis_server, session_id)  # under MAX_BUFFER_SIZE_BYTES
     raw.send_frame(CLOSE, struct.pack("!H", 1000))
     closed_at = time.monotonic()
     wait_for(lambda: numsub_all(redis_server, [session_id]) == [0], 6, "unsubscribed")
     dropped_after = time.monotonic() - closed_at
     raw.close()
     assert dropped_after < 4
-    wait_for(lambda: '"event":"connection_close"' in p.log(), 5, "connection_close logged")
-    closes = [json.loads(line) for line in p.log().splitlines()
-              if '"event":"connection_close"' in line]
+    closes = logged_closes(p)
     assert [(c["code"], c["reason"]) for c in closes] == [(1000, "client closed")]
     assert json.loads(p.get("/health")[1])["connections"] == 0
 
@@ -237,22 +249,14 @@ def test_client_that_stops_reading_after_picows_closed_1009_is_dropped(make_prox
                    WS_PING_TIMEOUT_SECS=30)
     set_tokens(redis_server, [session_id])
     raw = RawWebSocket(p.port, f"/agent1/ws/{session_id}", "tok", rcvbuf=4096)
-    r = redis_server.client()
-    for _ in range(8):  # 8 MB the client never reads: the CLOSE waits behind them
-        pipe = r.pipeline(transaction=False)
-        for _ in range(1000):
-            pipe.publish(f"session:{session_id}:down", '"' + "x" * 1000 + '"')
-        pipe.execute()
-    time.sleep(0.3)
+    publish_unread_backlog(redis_server, session_id)  # under MAX_BUFFER_SIZE_BYTES
     raw.send_frame(TEXT, b'"' + b"a" * 20_000 + b'"')
     sent_at = time.monotonic()
     wait_for(lambda: numsub_all(redis_server, [session_id]) == [0], 8, "unsubscribed")
     dropped_after = time.monotonic() - sent_at
     raw.close()
     assert dropped_after < 5
-    wait_for(lambda: '"event":"connection_close"' in p.log(), 5, "connection_close logged")
-    closes = [json.loads(line) for line in p.log().splitlines()
-              if '"event":"connection_close"' in line]
+    closes = logged_closes(p)
     assert [c["code"] for c in closes] == [1009]
 
 
@@ -265,10 +269,8 @@ def test_oversized_frame_close_is_logged_with_1009(make_proxy, redis_server, ses
     opcode, payload = raw.read_frame()
     assert opcode == CLOSE and struct.unpack("!H", payload[:2])[0] == 1009
     # No CLOSE back (which would carry the code too): picows ends the connection.
-    wait_for(lambda: '"event":"connection_close"' in p.log(), 5, "connection_close logged")
+    closes = logged_closes(p)
     raw.close()
-    closes = [json.loads(line) for line in p.log().splitlines()
-              if '"event":"connection_close"' in line]
     assert [c["code"] for c in closes] == [1009]
     assert "exceeding max allowed size" in closes[0]["reason"]
 
