@@ -225,7 +225,7 @@ class Gate(asyncio.Protocol):
     each wait.
     """
 
-    __slots__ = ("server", "transport", "buffer", "timer", "state", "lost", "head_end",
+    __slots__ = ("server", "transport", "buffer", "timer", "state", "lost", "head_end", "head_only",
                  "started", "deadline", "session_id", "agent_id", "token", "ws_key",
                  "listener", "route", "channel")
 
@@ -237,6 +237,7 @@ class Gate(asyncio.Protocol):
         self.state = _READING
         self.lost = False
         self.head_end = 0
+        self.head_only = False  # a HEAD request: every answer goes without its body
         self.started = 0.0
         self.deadline = 0.0
         self.session_id = ""
@@ -293,12 +294,11 @@ class Gate(asyncio.Protocol):
             self.timer = None
 
     def _finish(self, status: int, body: bytes, content_type: str = "application/json",
-                extra_headers: tuple[tuple[str, str], ...] = (),
-                head_only: bool = False) -> None:
+                extra_headers: tuple[tuple[str, str], ...] = ()) -> None:
         if self.lost or self.transport.is_closing():
             return
         self.transport.write(http_response(status, body, content_type, extra_headers,
-                                           head_only))
+                                           self.head_only))
         self.transport.close()
 
     def _internal_error(self) -> None:
@@ -358,28 +358,27 @@ class Gate(asyncio.Protocol):
             self._finish(exc.status, error_body(str(exc)))
             return
         path = request.path
-        head_only = request.method == "HEAD"  # any answer to HEAD goes without its body
+        self.head_only = request.method == "HEAD"
         if path in ("/health", "/ready", "/metrics"):
-            if request.method != "GET" and not head_only:
+            if request.method != "GET" and not self.head_only:
                 self._finish(405, error_body("method not allowed"),
                              extra_headers=(("Allow", "GET, HEAD"),))
             elif path == "/health":
                 status, body = server.health()
-                self._finish(status, body, head_only=head_only)
+                self._finish(status, body)
             elif path == "/ready":
                 status, body = server.readiness()
-                self._finish(status, body, head_only=head_only)
+                self._finish(status, body)
             else:
                 self._finish(200, server.metrics.render().encode(),
-                             "text/plain; version=0.0.4; charset=utf-8", head_only=head_only)
+                             "text/plain; version=0.0.4; charset=utf-8")
             return
         match = _WS_PATH.fullmatch(path)
         if match is None:
-            self._finish(404, error_body("not found"), head_only=head_only)
+            self._finish(404, error_body("not found"))
             return
         if request.method != "GET":
-            self._finish(405, error_body("method not allowed"), extra_headers=(("Allow", "GET"),),
-                         head_only=head_only)
+            self._finish(405, error_body("method not allowed"), extra_headers=(("Allow", "GET"),))
             return
         agent_id, session_id = match.groups()
         if not _ID.fullmatch(agent_id) or not _ID.fullmatch(session_id):
