@@ -213,8 +213,9 @@ class Server:
         self.draining = True
         if self._server is not None:
             self._server.close()
-        spread = self.config.shutdown_close_spread_secs if self._signals < 2 else 0.0
-        await self.connections.close_all(1001, "server shutting down", spread,
+        # (A second signal, before or during the closing, ends the spread.)
+        await self.connections.close_all(1001, "server shutting down",
+                                          self.config.shutdown_close_spread_secs,
                                           hurry=lambda: self._signals > 1)
         # Give clients a moment to answer the CLOSE; close() aborts stragglers after 1 s.
         deadline = time.monotonic() + 1.5
