@@ -525,6 +525,31 @@ def test_load_test_up_subscribes_before_measuring(redis_server, proxy):
                                             redis_url=redis_server.url, direction="sideways"))
 
 
+def test_load_test_keeps_its_garbage_collector_out_of_the_measurement(redis_server, proxy):
+    """In process: the collector is off (and the heap frozen) from the warm-up to the
+    end of the measurement, so its pauses are not counted as latency, and it is back
+    as it was once the run returns."""
+    import asyncio
+    import gc
+
+    load_test = load_module("load_test")
+    seen: dict[str, tuple[bool, int]] = {}
+
+    def on_phase(phase: str) -> None:
+        seen[phase] = (gc.isenabled(), gc.get_freeze_count())
+
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    d = asyncio.run(load_test.run_load_test(
+        5, 0.1, 0.3, 0.1, "127.0.0.1", proxy.port, redis_url=redis_server.url,
+        on_phase=on_phase))
+    assert (d["sent"], d["received"], d["lost"]) == (15, 15, 0)
+    assert seen["connect_end"][0] is True
+    for phase in ("measure_start", "measure_end"):
+        enabled, frozen = seen[phase]
+        assert enabled is False and frozen > 0, (phase, seen)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
 def test_load_test_up_reports_what_wsproxy_refuses(redis_server, make_proxy, tmp_path):
     # 128-byte messages over a 64-byte limit: wsproxy answers each with an error frame and
     # publishes nothing; the run completes and says so.
