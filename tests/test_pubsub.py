@@ -233,3 +233,44 @@ def test_commands_of_consecutive_loop_iterations_share_one_write(redis_server):
     one_later, three_later = uvloop.run(main())
     assert one_later == [2]  # both in one write
     assert three_later == [2, 2]  # the first two, then the next two
+
+
+def test_a_redis_refusing_clients_is_retried_slowly_and_never_taken_for_ready(make_redis,
+                                                                            session_id):
+    """At maxclients Redis accepts a connection, answers -ERR and closes it. The link
+    must not call such a connection ready, must back off between attempts (not retry
+    every few milliseconds), and must come up, usable, once Redis takes clients again."""
+    server = make_redis()
+    admin = server.client()
+    admin.config_set("maxclients", 1)  # admin's own connection is the one client
+    channel = f"session:{session_id}:down".encode()
+
+    def rejected() -> int:
+        return int(admin.info("stats")["rejected_connections"])
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        pubsub = PubSub(parse_redis_url(server.url))
+        pubsub.start()
+        try:
+            ready_while_refused = False
+            end = loop.time() + 3
+            while loop.time() < end:
+                ready_while_refused |= pubsub.ready.is_set()
+                await asyncio.sleep(0.002)
+            attempts = await loop.run_in_executor(None, rejected)
+            await loop.run_in_executor(None, admin.config_set, "maxclients", 100)
+            await asyncio.wait_for(pubsub.ready.wait(), 5)
+            pubsub.attach(channel, listener(session_id))
+            await pubsub.wait_subscribed(pubsub.routes[channel], 5)
+            subscribers = await loop.run_in_executor(
+                None, lambda: dict(admin.pubsub_numsub(channel))[channel])
+            return ready_while_refused, attempts, subscribers
+        finally:
+            await pubsub.close()
+
+    ready_while_refused, attempts, subscribers = uvloop.run(main())
+    assert ready_while_refused is False
+    # 25-50 ms doubling to 0.5-1 s: at most 10 attempts in 3 s (at least 4).
+    assert 4 <= attempts <= 10, attempts
+    assert subscribers == 1

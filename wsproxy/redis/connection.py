@@ -10,6 +10,7 @@ import asyncio
 import logging
 import random
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -151,6 +152,10 @@ class ReconnectingLink:
                 )
                 self.proto = proto
                 self._lost.clear()
+                # Redis may have closed it already (at maxclients it accepts, answers
+                # -ERR and closes): its connection_lost came before it was ours.
+                if not proto.connected:
+                    raise RedisUnavailable("connection closed by Redis")
                 await asyncio.wait_for(self.on_connected(proto), CONNECT_TIMEOUT_SECS)
             except asyncio.CancelledError:
                 raise
@@ -169,11 +174,15 @@ class ReconnectingLink:
             if self._ever_connected:
                 self.reconnects += 1
             self._ever_connected = True
-            delays = backoff_delays()
             self.ready.set()
+            up_since = time.monotonic()
             log_event(logging.INFO, "redis_up", role=self.role, redis=self.address.display)
             self.on_state_change()
             await self._lost.wait()
+            # The back-off starts over only after a connection that lasted: one that
+            # Redis drops at once (over and over) is retried ever more slowly.
+            if time.monotonic() - up_since >= BACKOFF_CAP_SECS:
+                delays = backoff_delays()
             if not self._closed:
                 await asyncio.sleep(next(delays))
 

@@ -60,11 +60,15 @@ class PubSub(ReconnectingLink):
     # connection lifecycle ------------------------------------------------------
     async def on_connected(self, proto: Any) -> None:
         loop = asyncio.get_running_loop()
-        for command in hello_commands(self.address, select_db=False):
+        # AUTH if set, then PING: the link is up once Redis has answered on this
+        # connection, not when it merely accepted it (at maxclients Redis accepts,
+        # answers -ERR and closes).
+        hello = [("AUTH", c) for c in hello_commands(self.address, select_db=False)]
+        for what, command in [*hello, ("PING", encode_command("PING"))]:
             fut = loop.create_future()
             self._expected.append(("reply", fut))
             proto.send(command)
-            await expect_ok(fut, "AUTH")
+            await expect_ok(fut, what)
         if self.routes:
             self.resubscribing = True
             self._resubscribe_task = loop.create_task(self._resubscribe(proto))
