@@ -214,3 +214,25 @@ def test_workers_that_cannot_start_make_the_supervisor_give_up(make_proxy, redis
         blocker.close()
     assert proc.returncode == 1
     assert b"workers_keep_dying" in proc.stdout + proc.stderr
+
+
+def test_sigterm_while_a_worker_waits_to_be_restarted_stops_everything(two_workers):
+    """A worker that dies soon after starting is restarted after a pause; a SIGTERM in
+    that pause must stop the supervisor, not start a worker it never signals."""
+    p = two_workers
+    first = worker_pids(p)[0]
+    os.kill(first, signal.SIGKILL)  # it had lived: restarted at once
+    wait_for(lambda: worker_pids(p)[0] != first, 10, "worker 0 restarted")
+    os.kill(worker_pids(p)[0], signal.SIGKILL)  # a quick death: a pause of 0.2 s first
+
+    def died_twice() -> bool:
+        return sum(e["event"] == "worker_died" for e in log_entries(p)) == 2
+
+    wait_for(died_twice, 10, "the second death logged", interval=0.002)
+    p.proc.send_signal(signal.SIGTERM)
+    assert p.proc.wait(15) == 0
+    started = [e for e in log_entries(p) if e["event"] == "worker_started"]
+    assert len(started) == 3  # the two, and the first restart: none after the signal
+    for e in started:
+        with pytest.raises(ProcessLookupError):
+            os.kill(e["pid"], 0)

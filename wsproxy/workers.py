@@ -29,6 +29,7 @@ from .metrics import SharedSlots
 STARTUP_WINDOW_SECS = 2.0
 MAX_STARTUP_FAILURES = 5
 _PR_SET_PDEATHSIG = 1
+_FORWARDED = {signal.SIGTERM, signal.SIGINT}  # what the supervisor passes on
 
 
 def _die_with_parent() -> None:
@@ -51,8 +52,6 @@ def _run_worker(config: Config, slots: SharedSlots, index: int) -> int:
     # forwards it once, instead of every worker seeing it twice.
     os.setpgid(0, 0)
     set_context(worker=index)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         sock = listening_socket(config.host, config.port, reuse_port=True)
     except OSError as exc:
@@ -75,8 +74,22 @@ class Supervisor:
         self.startup_failures = 0
 
     def spawn(self, index: int) -> None:
-        pid = os.fork()
-        if pid == 0:  # the worker
+        # A signal between fork() and the pid's registration would be forwarded to
+        # every worker but this one, and one in the child before it resets its
+        # handlers would run the supervisor's _forward there: hold them until both
+        # processes are ready for them.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
+        try:
+            pid = os.fork()
+            if pid == 0:  # the worker
+                for signum in _FORWARDED:
+                    signal.signal(signum, signal.SIG_DFL)
+            else:
+                self.pids[pid] = index
+                self.started_at[index] = time.monotonic()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
+        if pid == 0:
             code = 1
             try:
                 code = _run_worker(self.config, self.slots, index)
@@ -86,8 +99,6 @@ class Supervisor:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
-        self.pids[pid] = index
-        self.started_at[index] = time.monotonic()
         log_event(logging.INFO, "worker_started", worker=index, pid=pid)
 
     def _forward(self, signum: int, _frame: object = None) -> None:
@@ -101,8 +112,8 @@ class Supervisor:
                 pass
 
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, self._forward)
-        signal.signal(signal.SIGINT, self._forward)
+        for signum in _FORWARDED:
+            signal.signal(signum, self._forward)
         for index in range(self.config.workers):
             self.spawn(index)
         exit_code = 0
@@ -138,6 +149,8 @@ class Supervisor:
             self.slots.count_restart()
             if self.startup_failures:
                 time.sleep(min(1.0, 0.1 * 2 ** self.startup_failures))
+                if self.stopping:  # signalled meanwhile: the others are stopping
+                    continue
             self.spawn(index)
         log_event(logging.INFO, "supervisor_exit", code=exit_code)
         return exit_code
