@@ -156,6 +156,10 @@ def test_shutdown_grace_period_may_be_zero() -> None:
         ("AUTH_TIMEOUT_SECS", "nan"),
         ("AUTH_TIMEOUT_SECS", "inf"),
         ("AUTH_GRACE_PERIOD_SECS", "-5"),
+        ("AUTH_GRACE_PERIOD_SECS", str(10**16)),  # Redis would refuse the EXPIRE
+        ("MAX_FRAME_SIZE_BYTES", str(2**63)),  # picows and the fast path hold 64 bits
+        ("MAX_MESSAGE_SIZE_BYTES", str(2**64)),
+        ("MAX_BUFFER_SIZE_BYTES", str(2**63)),
         ("SHUTDOWN_GRACE_PERIOD_SECS", "-1"),
         ("WS_PING_INTERVAL_SECS", "0"),
         ("REDIS_URL", "http://x"),

@@ -439,3 +439,23 @@ def test_backlogged_socket_keeps_order_and_bytes(proxy, redis_server, session):
         got.append(data.decode())
     raw.close()
     assert got == payloads
+
+
+def test_the_largest_accepted_limits_work_end_to_end(make_proxy, redis_server, session):
+    """Start-up accepts limits up to what the code holds (2**62 bytes, a TTL Redis
+    takes): with every one at its maximum a socket opens, gets its TTL and carries
+    messages both ways (larger values stop start-up: test_config)."""
+    p = make_proxy(redis_server.url, MAX_FRAME_SIZE_BYTES=2**62, MAX_MESSAGE_SIZE_BYTES=2**62,
+                   MAX_BUFFER_SIZE_BYTES=2**62, AUTH_GRACE_PERIOD_SECS=10**15)
+    r = redis_server.client()
+    up = UpListener(redis_server, session)
+
+    async def main():
+        async with connect(p, session) as ws:
+            await ws.send('{"n":1}')
+            assert r.publish(f"session:{session}:down", '{"m":2}') == 1
+            return await asyncio.wait_for(ws.recv(), 5)
+
+    assert asyncio.run(main()) == '{"m":2}'
+    assert up.take(1) == [b'{"n":1}']
+    assert r.ttl(f"session:{session}:auth") > 10**14

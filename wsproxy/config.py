@@ -97,6 +97,23 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_int_to(limit: int) -> Callable[[str], int]:
+    """A positive integer no larger than ``limit`` (what the code that takes it holds)."""
+    def parse(text: str) -> int:
+        value = _positive_int(text)
+        if value > limit:
+            raise ValueError(f"must be a positive integer up to {limit}")
+        return value
+
+    return parse
+
+
+# Byte limits go to the C fast path and picows as signed 64-bit sizes.
+_bytes = _positive_int_to(1 << 62)
+# Redis refuses an EXPIRE whose time in milliseconds would overflow 64 bits.
+_ttl_secs = _positive_int_to(10**15)
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0 or value == float("inf"):
@@ -174,7 +191,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Redis to use: redis://, rediss:// (TLS) or unix://"),
     Setting("AUTH_TIMEOUT_SECS", _positive_float, "2",
             "longest wait for Redis during auth before answering 504"),
-    Setting("AUTH_GRACE_PERIOD_SECS", _positive_int, "10800",
+    Setting("AUTH_GRACE_PERIOD_SECS", _ttl_secs, "10800",
             "TTL given to session:{sid}:auth after a successful handshake"),
     Setting("HANDSHAKE_TIMEOUT_SECS", _positive_float, "5",
             "longest time from TCP accept to the 101 (request head, auth, subscribe)"),
@@ -182,11 +199,11 @@ SETTINGS: tuple[Setting, ...] = (
             "ping a client idle for this long"),
     Setting("WS_PING_TIMEOUT_SECS", _positive_float, "30",
             "close a client that sent nothing (not even a pong) for this long"),
-    Setting("MAX_MESSAGE_SIZE_BYTES", _positive_int, "1048576",
+    Setting("MAX_MESSAGE_SIZE_BYTES", _bytes, "1048576",
             "largest client message published upstream"),
-    Setting("MAX_FRAME_SIZE_BYTES", _positive_int, "16777216",
+    Setting("MAX_FRAME_SIZE_BYTES", _bytes, "16777216",
             "hard limit on one client frame: larger closes the socket with 1009"),
-    Setting("MAX_BUFFER_SIZE_BYTES", _positive_int, "10485760",
+    Setting("MAX_BUFFER_SIZE_BYTES", _bytes, "10485760",
             "unsent bytes a socket may hold before it is closed with 1008"),
     Setting("MAX_CONNECTIONS", _positive_int, "50000",
             "open WebSockets (and handshakes) per process; beyond it 503"),
