@@ -1308,11 +1308,13 @@ cdef class SessionListener(WSListener):
             if not self.in_fragmented:
                 self._protocol_error("continuation frame without a message")
                 return
-            if not self.fragmented_oversize:
+            # A binary or oversize message keeps nothing (fragments is None): it is
+            # refused whole at its last frame.
+            if not self.fragmented_oversize and not self.fragmented_binary:
                 if PyByteArray_GET_SIZE(self.fragments) + frame.payload_size > g_max_message:
                     self.fragmented_oversize = True
                     self.fragments = None
-                elif not self.fragmented_binary:
+                else:
                     _append(self.fragments, frame.payload_ptr, frame.payload_size)
             if frame.fin:
                 self._finish_fragmented()
