@@ -60,6 +60,12 @@ def test_metrics_count_traffic(make_proxy, redis_server, session_id):
         return during
 
     during = asyncio.run(main())
+    # Refused at the path itself: an id out of its alphabet, a method other than GET.
+    assert p.get(f"/agent1/ws/{session_id}!")[0] == 400
+    with socket.create_connection(("127.0.0.1", p.port), timeout=5) as raw:
+        raw.sendall(f"POST /agent1/ws/{session_id} HTTP/1.1\r\nHost: x\r\n"
+                    "Content-Length: 0\r\n\r\n".encode())
+        assert raw.recv(100).startswith(b"HTTP/1.1 405 ")
     wait_for(lambda: value(scrape(p), "wsproxy_active_connections") == 0, 5, "close counted")
     after = scrape(p)
     assert value(during, "wsproxy_active_connections") == 1
@@ -75,6 +81,8 @@ def test_metrics_count_traffic(make_proxy, redis_server, session_id):
     assert value(after, "wsproxy_errors_total", type="binary_message") == 1
     assert value(after, "wsproxy_connections_total", status="101") == 1
     assert value(after, "wsproxy_connections_total", status="403") == 1
+    assert value(after, "wsproxy_connections_total", status="400") == 1
+    assert value(after, "wsproxy_connections_total", status="405") == 1
     assert value(after, "wsproxy_handshake_seconds_count") == 1
     assert value(after, "wsproxy_handshake_seconds_bucket", le="+Inf") == 1
 

@@ -377,13 +377,14 @@ class Gate(asyncio.Protocol):
         if match is None:
             self._finish(404, error_body("not found"))
             return
+        # From here on a refusal is a refused upgrade: counted and logged.
         if request.method != "GET":
-            self._finish(405, error_body("method not allowed"), extra_headers=(("Allow", "GET"),))
+            self._reject(405, "method not allowed", "method", extra=(("Allow", "GET"),))
             return
         agent_id, session_id = match.groups()
         if not _ID.fullmatch(agent_id) or not _ID.fullmatch(session_id):
-            self._finish(400, error_body(
-                "agent_id and session_id must be 1-128 characters of A-Z a-z 0-9 . _ ~ -"))
+            self._reject(400, "agent_id and session_id must be 1-128 characters of "
+                         "A-Z a-z 0-9 . _ ~ -", "invalid id")
             return
         self.agent_id = agent_id
         self.session_id = session_id

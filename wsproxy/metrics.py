@@ -24,7 +24,7 @@ from . import _fastpath
 HANDSHAKE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                      2.5, 5.0)
 # Handshake outcomes get fixed places in the slot; anything else counts as "other".
-STATUSES = (101, 400, 401, 403, 426, 500, 503, 504)
+STATUSES = (101, 400, 401, 403, 405, 426, 500, 503, 504)
 
 _ERROR_TYPES = {  # label -> slot field
     "invalid_json": "errors_invalid_json",
