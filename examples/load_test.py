@@ -832,7 +832,7 @@ async def _publish_loop(conns: list[_PublishConn], connected: list[_Worker], nms
             stamp[:] = now_stamp
             for k in range(K):
                 if pieces[k]:
-                    conns[k].publish_batch(b"".join(pieces[k]), len(pieces[k]) // 5)
+                    conns[k].publish_batch(b"".join(pieces[k]), len(pieces[k]) // 5)  # 5 a command
             m = due_end
             if m >= total:
                 break

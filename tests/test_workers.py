@@ -220,19 +220,21 @@ def test_sigterm_while_a_worker_waits_to_be_restarted_stops_everything(two_worke
     """A worker that dies soon after starting is restarted after a pause; a SIGTERM in
     that pause must stop the supervisor, not start a worker it never signals."""
     p = two_workers
-    first = worker_pids(p)[0]
-    os.kill(first, signal.SIGKILL)  # it had lived: restarted at once
-    wait_for(lambda: worker_pids(p)[0] != first, 10, "worker 0 restarted")
-    os.kill(worker_pids(p)[0], signal.SIGKILL)  # a quick death: a pause of 0.2 s first
 
-    def died_twice() -> bool:
-        return sum(e["event"] == "worker_died" for e in log_entries(p)) == 2
+    def deaths() -> int:
+        return sum(e["event"] == "worker_died" for e in log_entries(p))
 
-    wait_for(died_twice, 10, "the second death logged", interval=0.002)
-    p.proc.send_signal(signal.SIGTERM)
+    # Three deaths of worker 0: the first had lived (restarted at once), the next two
+    # are quick (a pause of 0.2 s, then 0.4 s, before the restart).
+    for n in (1, 2, 3):
+        pid = worker_pids(p)[0]
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda n=n: deaths() == n, 10, f"death {n} logged", interval=0.002)
+        if n < 3:
+            wait_for(lambda pid=pid: worker_pids(p)[0] != pid, 10, "worker 0 restarted")
+    p.proc.send_signal(signal.SIGTERM)  # within the 0.4 s pause
     assert p.proc.wait(15) == 0
-    started = [e for e in log_entries(p) if e["event"] == "worker_started"]
-    assert len(started) == 3  # the two, and the first restart: none after the signal
-    for e in started:
-        with pytest.raises(ProcessLookupError):
-            os.kill(e["pid"], 0)
+    for e in log_entries(p):
+        if e["event"] == "worker_started":
+            with pytest.raises(ProcessLookupError):
+                os.kill(e["pid"], 0)
