@@ -271,6 +271,7 @@ def test_a_redis_refusing_clients_is_retried_slowly_and_never_taken_for_ready(ma
 
     ready_while_refused, attempts, subscribers = uvloop.run(main())
     assert ready_while_refused is False
-    # 25-50 ms doubling to 0.5-1 s: at most 10 attempts in 3 s (at least 4).
-    assert 4 <= attempts <= 10, attempts
+    # 25-50 ms doubling to 0.5-1 s: at least 4 attempts in 3 s, at most 10 (11 by
+    # 3.3 s, when the count is read late); without the backoff, 60 or more.
+    assert 4 <= attempts <= 11, attempts
     assert subscribers == 1
